@@ -1,0 +1,152 @@
+"""Command line: ``python -m fasterdiff {generate,download-weights,benchmark} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .samplers import SAMPLER_NAMES
+from .service import BOUNDS, KEY_STEP_MODES, OUTPUT_FORMATS, Request
+
+
+def _bounded(name: str, kind=int):
+    low, high = BOUNDS[name]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate images (the same code path as the Cog predictor)",
+        description="Generate images with Stable Diffusion 1.5 and FasterDiffusion, on CUDA if present, else CPU.",
+    )
+    d = Request(prompt="")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-o", "--output", default="out.webp", help="output file; with several images, -N is added (default: out.webp)")
+    p.add_argument("--weights", help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/)")
+    p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to keep out of the image")
+    p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 256-1024 (default: 512)")
+    p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 256-1024 (default: 512)")
+    p.add_argument("--num-outputs", type=_bounded("num_outputs"), default=d.num_outputs, help="1-4 (default: 1)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler, help="(default: DDIM)")
+    p.add_argument("--steps", dest="num_inference_steps", type=_bounded("num_inference_steps"), default=d.num_inference_steps, help="1-100 (default: 50)")
+    p.add_argument("--key-step-mode", choices=KEY_STEP_MODES, default=d.key_step_mode, help="non-uniform = the paper's key steps (default)")
+    p.add_argument("--uniform-interval", type=_bounded("uniform_interval"), default=d.uniform_interval, help="2-10, with --key-step-mode uniform (default: 5)")
+    p.add_argument("--custom-key-steps", default=d.custom_key_steps, help="e.g. '0,1,2,3,5,10,15,25,35', with --key-step-mode custom")
+    p.add_argument("--sequential", dest="parallel", action="store_false", help="decode non-key steps one by one (less memory)")
+    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-0.05 (default: 0.003)")
+    p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
+    p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
+    p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
+    p.add_argument("--disable-safety-checker", action="store_true")
+    p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup")
+
+
+def _generate(args) -> int:
+    import shutil
+
+    from .service import Generator
+    from .weights import load_pipeline, weights_dir
+
+    out = Path(args.output)
+    fmt = out.suffix.lstrip(".").lower().replace("jpeg", "jpg")
+    if fmt not in OUTPUT_FORMATS:
+        print(f"error: --output must end in .webp, .jpg or .png, got {out.name!r}", file=sys.stderr)
+        return 2
+    fields = {k: v for k, v in vars(args).items() if k in Request.__dataclass_fields__}
+    request = Request(**fields, output_format=fmt)
+    request.validate()
+    generator = Generator(load_pipeline(args.weights or weights_dir()))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = generator(request, tmp)
+        for message in result.messages:
+            print(message)
+        for i, path in enumerate(result.paths):
+            dest = out if len(result.paths) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            print(f"wrote {dest}")
+    return 0
+
+
+def _download(args) -> int:
+    from .weights import download_weights
+
+    print(f"downloaded to {download_weights(args.dest)}")
+    return 0
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="benchmarks (see benchmarks/README.md)")
+    bsub = p.add_subparsers(dest="benchmark", required=True)
+    s = bsub.add_parser("speed", help="time fasterdiff against stock diffusers, interleaved, in one process")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    s.add_argument("--size", type=int, default=None, help="image size (default: 256 on CPU, 512 on CUDA)")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--sampler", choices=SAMPLER_NAMES, default="DDIM")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--max-batch", type=int, default=2, help="max_batch of the memory-bounded parallel method")
+    s.add_argument("--quick", action="store_true", help="tiny model, seconds: proves the benchmark runs")
+    s.add_argument("--out", help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>)")
+
+
+def _benchmark(args, argv) -> int:
+    from .bench import report, speed
+
+    size = args.size or (512 if args.device == "cuda" else 256)
+    cfg = speed.Config(
+        device=args.device,
+        size=size,
+        steps=args.steps,
+        sampler=args.sampler,
+        rounds=args.rounds,
+        quick=args.quick,
+        max_batch=args.max_batch,
+    )
+    result = speed.run(cfg)
+    prefix = args.out or f"benchmarks/results/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
+    paths = report.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    print(speed.markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m fasterdiff",
+        description="Stable Diffusion 1.5 sampled faster with FasterDiffusion (encoder propagation, "
+        "parallel decoding, prior noise injection).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    dl = sub.add_parser("download-weights", help="download SD 1.5 (fp16, with safety checker) into weights/")
+    dl.add_argument("--dest", help="folder (default: $FASTERDIFF_WEIGHTS or weights/)")
+    _add_benchmark(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "download-weights":
+            return _download(args)
+        return _benchmark(args, argv)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: speed (fasterdiff vs stock and other accelerators)."""

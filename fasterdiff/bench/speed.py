@@ -1,0 +1,192 @@
+"""Speed benchmark: fasterdiff side by side with stock diffusers, in one process.
+
+Every method samples from the same prompt embeddings, the same initial noise and
+the same scheduler; methods run interleaved round by round (A B C ... A B C ...)
+after a warm-up, and each round's time is divided by the stock time of the same
+round, so slow drifts of a shared machine cancel out of the ratios. Sampling is
+timed up to the final latent: the VAE decode, identical for every method, is left
+out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+import fasterdiff
+
+from ..samplers import make_scheduler
+from ..tiny import sd15_unet, tiny_pipeline
+from ..weights import WEIGHTS_ENV, has_weights, load_pipeline
+from .memory import PeakMemory
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass
+class Config:
+    device: str = "cpu"
+    size: int = 256
+    steps: int = 50
+    sampler: str = "DDIM"
+    rounds: int = 3
+    quick: bool = False
+    max_batch: int = 2
+
+
+@dataclass
+class Method:
+    name: str
+    run: Callable[[], None]  # samples once from the shared inputs
+    note: str = ""
+
+
+def build_pipeline(cfg: Config):
+    """SD 1.5 (real weights if $FASTERDIFF_WEIGHTS has them, else its UNet with random
+    weights), or the tiny pipeline with ``quick``."""
+    device = torch.device(cfg.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    weights = os.environ.get(WEIGHTS_ENV)
+    if cfg.quick:
+        pipe, source = tiny_pipeline(), "tiny random pipeline"
+    elif weights and has_weights(weights):
+        pipe, source = load_pipeline(weights, device=device, dtype=dtype), f"SD 1.5 weights from {weights}"
+    else:
+        pipe, source = tiny_pipeline(unet=sd15_unet()), "SD 1.5 UNet architecture, random weights"
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, source
+
+
+def make_methods(pipe, cfg: Config) -> list[Method]:
+    """The methods to compare; all share ``inputs``: embeddings and initial noise."""
+    size = 64 if cfg.quick else cfg.size
+    device = torch.device(cfg.device)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(PROMPT, device, 1, True, "")
+    latents = torch.randn(
+        (1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(0), dtype=torch.float32
+    ).to(device=device, dtype=cond.dtype)
+    common = dict(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        num_inference_steps=cfg.steps,
+        height=size,
+        width=size,
+        output_type="latent",
+    )
+    stock_scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
+    fast = fasterdiff.accelerate(pipe)
+
+    def stock():
+        pipe.scheduler = stock_scheduler
+        # The same z_T for every method: prepare_latents scales by init_noise_sigma.
+        pipe(latents=latents.clone(), **common)
+
+    def accelerated(**settings):
+        return lambda: fast(latents=latents.clone(), sampler=cfg.sampler, **common, **settings)
+
+    return [
+        Method("stock diffusers", stock),
+        Method("fasterdiff paper, sequential", accelerated(key_steps="paper", parallel=False)),
+        Method("fasterdiff paper, parallel", accelerated(key_steps="paper", parallel=True)),
+        Method(
+            f"fasterdiff paper, parallel, max_batch={cfg.max_batch}",
+            accelerated(key_steps="paper", parallel=True, max_batch=cfg.max_batch),
+        ),
+        Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
+    ]
+
+
+@contextlib.contextmanager
+def _call_counter(module):
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(cfg: Config) -> dict:
+    """Warm up, then time every method ``cfg.rounds`` times, interleaved."""
+    device = torch.device(cfg.device)
+    pipe, source = build_pipeline(cfg)
+    methods = make_methods(pipe, cfg)
+    results = {m.name: {"seconds": [], "ratio": []} for m in methods}
+    with tqdm(total=len(methods) * (cfg.rounds + 1), desc="speed benchmark", unit="run") as bar:
+        for m in methods:  # warm-up, and the call counts and peak memory of each
+            with _call_counter(pipe.unet.down_blocks[0]) as enc, _call_counter(pipe.unet.up_blocks[0]) as dec:
+                with PeakMemory(device) as mem:
+                    m.run()
+            results[m.name].update(encoder_calls=enc[0], decoder_calls=dec[0], peak_memory_bytes=mem.peak, added_memory_bytes=mem.added)
+            bar.update()
+        for _ in range(cfg.rounds):
+            times = {}
+            for m in methods:
+                bar.set_postfix_str(m.name)
+                times[m.name] = _timed(m.run, device)
+                bar.update()
+            for m in methods:
+                results[m.name]["seconds"].append(times[m.name])
+                results[m.name]["ratio"].append(times[methods[0].name] / times[m.name])
+    rows = []
+    for m in methods:
+        r = results[m.name]
+        rows.append(
+            {
+                "method": m.name,
+                "median_s": statistics.median(r["seconds"]),
+                "min_s": min(r["seconds"]),
+                "max_s": max(r["seconds"]),
+                "speedup_median": statistics.median(r["ratio"]),
+                "speedup_min": min(r["ratio"]),
+                "speedup_max": max(r["ratio"]),
+                "encoder_calls": r["encoder_calls"],
+                "decoder_calls": r["decoder_calls"],
+                "peak_memory_mb": r["peak_memory_bytes"] / 2**20,
+                "added_memory_mb": r["added_memory_bytes"] / 2**20,
+                "seconds": r["seconds"],
+                "note": m.note,
+            }
+        )
+    return {"config": dataclasses.asdict(cfg), "model": source, "rows": rows}
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| method | s/image median (min-max) | speedup vs stock median (min-max) | encoder calls | decoder calls | peak memory MB | peak above start MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "
+            f"| {r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) "
+            f"| {r['encoder_calls']} | {r['decoder_calls']} | {r['peak_memory_mb']:.0f} "
+            f"| {r['added_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Sampler names -> diffusers schedulers, built from a pipeline's scheduler config."""
+
+from __future__ import annotations
+
+import warnings
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+# name -> (scheduler class, config overrides)
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "DDIM": (DDIMScheduler, {}),
+    # diffusers supports only final_sigmas_type="sigma_min" for the non-++ solver.
+    "DPM-Solver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "DPM-Solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "Euler": (EulerDiscreteScheduler, {}),
+    "Euler-Ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+}
+
+SAMPLER_NAMES = tuple(SAMPLERS)
+
+
+def check_sampler(name: str) -> None:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+def make_scheduler(name: str, config) -> SchedulerMixin:
+    """A fresh scheduler for ``name`` with the noise schedule of ``config``."""
+    check_sampler(name)
+    cls, overrides = SAMPLERS[name]
+    with warnings.catch_warnings():
+        # diffusers marks algorithm_type="dpmsolver" as deprecated; it still works and
+        # is one of the paper's samplers, so the warning would only be noise per call.
+        warnings.filterwarnings("ignore", message=".*dpmsolver.*", category=FutureWarning)
+        return cls.from_config(config, **overrides)

@@ -1,0 +1,225 @@
+"""What predict.py and the command line share: a validated generation request, run
+on a loaded pipeline, images written to files.
+
+Every input is checked here once, with a message that names it; the Cog predictor
+and ``python -m fasterdiff generate`` are thin shells over :class:`Generator`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .pipeline import accelerate
+from .samplers import SAMPLER_NAMES, make_scheduler
+from .schedule import parse_step_list, resolve
+
+log = logging.getLogger("fasterdiff")
+
+KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
+# Numeric inputs: name -> (min, max). Sizes must also be multiples of 8.
+BOUNDS = {
+    "width": (256, 1024),
+    "height": (256, 1024),
+    "num_outputs": (1, 4),
+    "num_inference_steps": (1, 100),
+    "uniform_interval": (2, 10),
+    "noise_injection_strength": (0.0, 0.05),
+    "guidance_scale": (1.0, 20.0),
+    "seed": (0, MAX_SEED),
+    "output_quality": (1, 100),
+}
+
+
+@dataclass
+class Request:
+    """One generation request, as the predictor's inputs name it."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    num_outputs: int = 1
+    sampler: str = "DDIM"
+    num_inference_steps: int = 50
+    key_step_mode: str = "non-uniform"
+    uniform_interval: int = 5
+    custom_key_steps: str = ""
+    parallel: bool = True
+    noise_injection_strength: float = 0.003
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    output_format: str = "webp"
+    output_quality: int = 80
+    disable_safety_checker: bool = False
+    compare_with_baseline: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad input."""
+        for name in ("prompt", "negative_prompt", "custom_key_steps"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        if not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name} is longer than {MAX_PROMPT_CHARS} characters")
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            is_num = is_int or (isinstance(value, float) and math.isfinite(value))
+            if not (is_int if isinstance(low, int) else is_num):
+                kind = "an integer" if isinstance(low, int) else "a number"
+                raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+        for name in ("width", "height"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")
+        for name, choices in (
+            ("sampler", SAMPLER_NAMES),
+            ("key_step_mode", KEY_STEP_MODES),
+            ("output_format", OUTPUT_FORMATS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("parallel", "disable_safety_checker", "compare_with_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.key_step_mode != "custom" and self.custom_key_steps.strip():
+            raise ValueError("custom_key_steps is only used with key_step_mode='custom'")
+        resolve(self.key_steps(), self.num_inference_steps)  # range checks against the step count
+
+    def key_steps(self):
+        """The library's ``key_steps`` argument for this request."""
+        if self.key_step_mode == "non-uniform":
+            return "paper"
+        if self.key_step_mode == "uniform":
+            return self.uniform_interval
+        if self.key_step_mode == "off":
+            return "off"
+        if not self.custom_key_steps.strip():
+            raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
+        steps = parse_step_list(self.custom_key_steps)
+        try:
+            return list(resolve(steps, self.num_inference_steps).steps)
+        except ValueError as err:
+            raise ValueError(str(err).replace("key_steps:", "custom_key_steps:", 1)) from None
+
+
+@dataclass
+class Result:
+    paths: list[Path]
+    seed: int
+    key_steps: tuple[int, ...]
+    encoder_calls_saved: int
+    seconds: float
+    baseline_seconds: float | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The same components, no safety checker (nothing is copied)."""
+    parts = dict(pipe.components, safety_checker=None)
+    out = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return out
+
+
+class Generator:
+    """Holds the stock and accelerated pipelines (with and without safety checker)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.device = pipe.device
+        unchecked = without_safety_checker(pipe) if pipe.safety_checker is not None else pipe
+        self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
+        self.fast = {False: accelerate(pipe), True: accelerate(unchecked)}
+        self.base_scheduler_config = pipe.scheduler.config
+
+    def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
+        req.validate()
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
+        messages = [f"seed: {seed}"]
+        tokenizer = self.stock[False].tokenizer
+        for name in ("prompt", "negative_prompt"):
+            n = len(tokenizer(getattr(req, name)).input_ids)
+            if n > tokenizer.model_max_length:
+                messages.append(
+                    f"warning: {name} is {n} tokens; CLIP reads only the first "
+                    f"{tokenizer.model_max_length}, the rest is ignored"
+                )
+        common = dict(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt or None,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            height=req.height,
+            width=req.width,
+            num_images_per_prompt=req.num_outputs,
+        )
+        fast = self.fast[req.disable_safety_checker]
+        out = fast(
+            **common,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            sampler=req.sampler,
+            key_steps=req.key_steps(),
+            parallel=req.parallel,
+            noise_injection=req.noise_injection_strength,
+        )
+        stats = out.stats
+        images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
+        messages += [
+            f"key steps: {list(stats.key_steps)} ({stats.encoder_calls} of {stats.num_steps} steps run the encoder)",
+            f"encoder calls saved: {stats.encoder_calls_saved}",
+            f"decoder calls: {stats.decoder_calls} (steps per call: {stats.decoder_steps_per_call})",
+            f"fasterdiff seconds: {stats.seconds:.2f}",
+        ]
+        if stats.out_of_memory_retries:
+            messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
+        baseline_seconds = None
+        if req.compare_with_baseline:
+            stock = self.stock[req.disable_safety_checker]
+            stock.scheduler = make_scheduler(req.sampler, self.base_scheduler_config)
+            start = time.perf_counter()
+            base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            baseline_seconds = time.perf_counter() - start
+            images += list(base.images)
+            flagged += list(base.nsfw_content_detected or [False] * len(base.images))
+            messages += [
+                f"stock diffusers seconds: {baseline_seconds:.2f}",
+                f"speedup: {baseline_seconds / stats.seconds:.2f}x",
+            ]
+        kept = [img for img, bad in zip(images, flagged) if not bad]
+        if len(kept) < len(images):
+            messages.append(f"NSFW content detected in {len(images) - len(kept)} image(s); they were left out")
+        if not kept:
+            raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
+        paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
+        return Result(paths, seed, stats.key_steps, stats.encoder_calls_saved, stats.seconds, baseline_seconds, messages)
+
+
+def save_images(images, out_dir: Path, fmt: str, quality: int) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"out-{i}.{fmt}"
+        if fmt == "png":
+            image.save(path, format="PNG")
+        else:
+            image.convert("RGB").save(path, format="JPEG" if fmt == "jpg" else "WEBP", quality=quality)
+        paths.append(path)
+    return paths

@@ -1,0 +1,122 @@
+"""Tiny Stable-Diffusion-format pipelines built offline from small configs.
+
+They have SD 1.5's structure (CLIP text encoder, 4-channel AutoencoderKL with a
+down-sampling factor of 8, a UNet2DConditionModel with cross-attention down, mid
+and up blocks) at a size that runs in milliseconds on a CPU. Tests and the
+``--quick`` benchmarks use them; nothing here is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# SD 1.5's noise schedule (scheduler/scheduler_config.json of the real model).
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE maps bytes to (as in GPT-2/CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP tokenizer: every byte is a token, plus a few merges."""
+    alphabet = _byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")]
+    tokens += ["".join(m) for m in merges]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+SD15_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15_unet.json"
+
+
+def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SD 1.5's UNet architecture (860M parameters, from its own config), random weights."""
+    torch.manual_seed(seed)
+    config = json.loads(SD15_UNET_CONFIG.read_text())
+    return UNet2DConditionModel.from_config(config).eval()
+
+
+def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> StableDiffusionPipeline:
+    """A random-weight SD-format pipeline (fp32, CPU, no safety checker).
+
+    ``unet`` replaces the tiny UNet (e.g. :func:`sd15_unet`); the text encoder then
+    gets the UNet's cross-attention width.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_width = unet.config.cross_attention_dim if unet is not None else 32
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=1 if unet is not None else 2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = unet or UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

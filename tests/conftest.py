@@ -1,0 +1,32 @@
+import contextlib
+
+import pytest
+import torch
+
+from fasterdiff.tiny import tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """A tiny random SD-format pipeline, fp32 CPU (shared: tests must not modify it)."""
+    return tiny_pipeline()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def count_calls(module: torch.nn.Module, batch_sizes: list | None = None):
+    """Count forward calls of ``module`` (and record their batch sizes)."""
+    calls = []
+
+    def hook(_mod, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        calls.append(x.shape[0])
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()

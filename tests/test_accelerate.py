@@ -1,0 +1,226 @@
+"""Oracles for the library: stock equivalence, parallel == sequential, call counts."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import count_calls, gen
+
+import fasterdiff
+from fasterdiff.samplers import SAMPLER_NAMES, make_scheduler
+from fasterdiff.schedule import paper_key_steps
+
+SIZE = dict(height=64, width=64)
+
+
+def run(fast, prompt="a cat", steps=10, seed=0, **kw):
+    return fast(prompt, num_inference_steps=steps, generator=gen(seed), output_type="np", **SIZE, **kw)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_off_equals_stock_for_every_sampler(pipe, sampler):
+    stock = fasterdiff.tiny.tiny_pipeline()  # own copy: its scheduler gets replaced
+    stock.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    expected = stock("a cat", num_inference_steps=8, generator=gen(3), output_type="np", **SIZE).images
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    got = run(fast, steps=8, seed=3, sampler=sampler).images
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_off_equals_stock_latents_with_cfg_off_and_negative_prompt(pipe):
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    for kw in (dict(guidance_scale=1.0), dict(negative_prompt="a dog", num_images_per_prompt=2)):
+        expected = pipe("a cat", num_inference_steps=6, generator=gen(1), output_type="latent", **SIZE, **kw).images
+        got = fast("a cat", num_inference_steps=6, generator=gen(1), output_type="latent", **SIZE, **kw).images
+        assert torch.abs(got - expected).max() <= 1e-5
+
+
+def test_accelerated_output_differs_from_stock(pipe):
+    """Guard against a loop that silently ignores the schedule."""
+    fast = fasterdiff.accelerate(pipe, noise_injection=0)
+    a = run(fast, key_steps="off").images
+    b = run(fast, key_steps="paper").images
+    assert np.abs(a - b).max() > 1e-4
+
+
+PARALLEL_CASES = [
+    dict(key_steps="paper"),
+    dict(key_steps=3),
+    dict(key_steps=[0, 4, 5, 9]),
+    dict(key_steps="paper", guidance_scale=1.0),
+    dict(key_steps=4, num_images_per_prompt=2, negative_prompt="blurry"),
+    dict(key_steps="paper", max_batch=2, num_images_per_prompt=2),
+    dict(key_steps="paper", sampler="DPM-Solver++", noise_injection=0.01, noise_injection_start=800),
+    dict(key_steps=4, sampler="Euler-Ancestral"),
+]
+
+
+@pytest.mark.parametrize("case", PARALLEL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_parallel_equals_sequential(pipe, case):
+    fast = fasterdiff.accelerate(pipe)
+    seq = run(fast, steps=12, parallel=False, **case).images
+    par = run(fast, steps=12, parallel=True, **case).images
+    assert seq.shape == par.shape
+    assert np.abs(seq - par).max() <= 1e-4
+
+
+@pytest.mark.parametrize("key_steps", ["paper", 5, [0, 2, 3, 11], "off"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_encoder_runs_once_per_key_step_and_decoder_once_per_step_or_group(pipe, key_steps, parallel):
+    fast = fasterdiff.accelerate(pipe, key_steps=key_steps, parallel=parallel)
+    with count_calls(pipe.unet.down_blocks[0]) as enc, count_calls(pipe.unet.up_blocks[0]) as dec:
+        result = run(fast, steps=20)
+    plan = fasterdiff.schedule.resolve(key_steps, 20)
+    assert len(enc) == len(plan.steps) == result.stats.encoder_calls
+    expected_decoder_calls = len(plan.groups) if parallel else 20
+    assert len(dec) == expected_decoder_calls == result.stats.decoder_calls
+    # CFG doubles the batch; parallel stacks a group's steps in one call
+    assert dec == [2 * len(g) for g in plan.groups] if parallel else dec == [2] * 20
+
+
+def test_max_batch_splits_groups_into_chunks(pipe):
+    fast = fasterdiff.accelerate(pipe, key_steps="paper", max_batch=6)
+    with count_calls(pipe.unet.up_blocks[0]) as dec:
+        result = run(fast, steps=20, num_images_per_prompt=2)
+    # 2 images per step -> at most 3 steps (6 images, 12 UNet samples with CFG) per call
+    groups = [len(g) for g in fasterdiff.schedule.resolve("paper", 20).groups]
+    expected = [min(3, n - i) for n in groups for i in range(0, n, 3)]
+    assert result.stats.decoder_steps_per_call == expected
+    assert dec == [12 * n // 3 for n in expected]
+
+
+def test_paper_schedule_used_by_default(pipe):
+    result = run(fasterdiff.accelerate(pipe), steps=50)
+    assert result.stats.key_steps == paper_key_steps(50)
+    assert result.stats.encoder_calls_saved == 41
+
+
+def test_noise_injection_zero_is_a_no_op_and_alpha_touches_steps_below_tau(pipe):
+    fast = fasterdiff.accelerate(pipe, key_steps="off")
+    base = run(fast, noise_injection=0).images
+    # tau=0: no timestep is below it, so alpha>0 changes nothing
+    assert np.array_equal(run(fast, noise_injection=0.05, noise_injection_start=0).images, base)
+    assert not np.array_equal(run(fast, noise_injection=0.05, noise_injection_start=500).images, base)
+
+
+def test_noise_injection_touches_exactly_the_steps_below_tau(pipe, monkeypatch):
+    """Record the latent the scheduler receives at each step, with and without injection."""
+    from diffusers import DDIMScheduler
+
+    seen = {}
+    original = DDIMScheduler.step
+
+    def spy(self, model_output, timestep, sample, *a, **k):
+        seen.setdefault(self._tag, []).append((int(timestep), sample.clone()))
+        return original(self, model_output, timestep, sample, *a, **k)
+
+    monkeypatch.setattr(DDIMScheduler, "step", spy)
+    alpha = 0.5
+    fast = fasterdiff.accelerate(pipe, key_steps="off")
+    out = {}
+    for tag, a in (("plain", 0.0), ("inject", alpha)):
+        monkeypatch.setattr(DDIMScheduler, "_tag", tag, raising=False)
+        out[tag] = run(fast, steps=10, noise_injection=a, noise_injection_start=500)
+    plain, inject = seen["plain"], seen["inject"]
+    first_below = next(i for i, (t, _) in enumerate(plain) if t < 500)
+    assert 0 < first_below < 10
+    for i in range(first_below):  # before tau: identical inputs
+        assert torch.equal(plain[i][1], inject[i][1])
+    # the first injected step differs exactly by alpha * z_T
+    z_T = fasterdiff.tiny.tiny_pipeline().prepare_latents(1, 4, 64, 64, torch.float32, "cpu", gen(0), None)
+    assert torch.allclose(inject[first_below][1] - plain[first_below][1], alpha * z_T, atol=1e-5)
+
+
+def test_stock_pipeline_unchanged_by_accelerate(pipe):
+    before = pipe("a cat", num_inference_steps=5, generator=gen(), output_type="np", **SIZE).images
+    scheduler_config = dict(pipe.scheduler.config)
+    fast = fasterdiff.accelerate(pipe, key_steps=2)
+    run(fast, sampler="Euler")
+    after = pipe("a cat", num_inference_steps=5, generator=gen(), output_type="np", **SIZE).images
+    assert np.array_equal(before, after)
+    assert dict(pipe.scheduler.config) == scheduler_config
+    assert type(pipe) is not type(fast) and fast.unet is pipe.unet and fast.vae is pipe.vae
+
+
+def test_same_call_twice_gives_the_same_image(pipe):
+    fast = fasterdiff.accelerate(pipe)
+    assert np.array_equal(run(fast).images, run(fast).images)
+
+
+@pytest.mark.parametrize("hw", [(72, 64), (64, 88), (40, 56)])
+def test_sizes_that_are_multiples_of_8(pipe, hw):
+    fast = fasterdiff.accelerate(pipe, noise_injection=0)
+    kw = dict(height=hw[0], width=hw[1], num_inference_steps=6, output_type="np")
+    par = fast("a cat", generator=gen(), **kw).images
+    seq = fast("a cat", generator=gen(), parallel=False, **kw).images
+    stock = fast("a cat", generator=gen(), key_steps="off", **kw).images
+    ref = pipe("a cat", generator=gen(), **kw).images
+    assert par.shape == (1, hw[0], hw[1], 3)
+    assert np.abs(par - seq).max() <= 1e-4 and np.abs(stock - ref).max() <= 1e-5
+
+
+def test_pil_output_and_progress_bar(pipe, capsys):
+    fast = fasterdiff.accelerate(pipe)
+    fast.set_progress_bar_config(disable=False)
+    result = fast("a cat", num_inference_steps=4, generator=gen(), **SIZE)
+    assert result.images[0].size == (64, 64)
+    assert "4/4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(key_steps="bad"), "key_steps"),
+        (dict(key_steps=1), "key_steps"),
+        (dict(parallel="yes"), "parallel"),
+        (dict(max_batch=0), "max_batch"),
+        (dict(noise_injection=-0.1), "noise_injection"),
+        (dict(noise_injection=float("nan")), "noise_injection"),
+        (dict(noise_injection_start=2000), "noise_injection_start"),
+    ],
+)
+def test_bad_accelerate_arguments(pipe, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        fasterdiff.accelerate(pipe, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_inference_steps=2.5), "num_inference_steps"),
+        (dict(sampler="LMS"), "sampler"),
+        (dict(height=60), "height"),
+        (dict(width=0), "width"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(output_type="gif"), "output_type"),
+        (dict(key_steps=[0, 30], num_inference_steps=10), "key_steps"),
+    ],
+)
+def test_bad_call_arguments(pipe, kwargs, name):
+    fast = fasterdiff.accelerate(pipe)
+    kwargs = {"num_inference_steps": 4, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        fast("a cat", **kwargs)
+
+
+def test_unsupported_unet_is_refused():
+    other = fasterdiff.tiny.tiny_pipeline()
+    other.unet.register_to_config(addition_embed_type="text")
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        fasterdiff.accelerate(other)
+
+
+def test_load_pipeline_from_saved_folder(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "sd")
+    loaded = fasterdiff.load_pipeline(tmp_path / "sd", local_files_only=True)
+    assert loaded.unet.dtype == torch.float32 and loaded.device.type == "cpu"
+    loaded.set_progress_bar_config(disable=True)
+    a = pipe("a cat", num_inference_steps=3, generator=gen(), output_type="np", **SIZE).images
+    b = loaded("a cat", num_inference_steps=3, generator=gen(), output_type="np", **SIZE).images
+    assert np.abs(a - b).max() <= 1e-6
+
+
+def test_load_pipeline_missing_folder_names_the_download_command(tmp_path):
+    with pytest.raises(fasterdiff.weights.WeightsUnavailable, match="download-weights"):
+        fasterdiff.load_pipeline(tmp_path)

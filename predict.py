@@ -5,6 +5,7 @@ weights/ ($FASTERDIFF_WEIGHTS overrides); see weights/README.md.
 """
 
 import logging
+import shutil
 import tempfile
 from typing import Optional
 
@@ -29,6 +30,9 @@ class Predictor(BaseRunner):
                     f"({err.__cause__ or err}). Fetch them with: {DOWNLOAD_COMMAND}"
                 ) from None
         self.generator = Generator(load_pipeline(folder, local_files_only=True))
+        # One folder for outputs, emptied at the start of each prediction: cog has
+        # read the previous prediction's files by then, and nothing piles up.
+        self.out_dir = Path(tempfile.mkdtemp(prefix="fasterdiff-"))
 
     def run(
         self,
@@ -142,7 +146,8 @@ class Predictor(BaseRunner):
             disable_safety_checker=disable_safety_checker,
             compare_with_baseline=compare_with_baseline,
         )
-        result = self.generator(request, tempfile.mkdtemp(prefix="fasterdiff-"))
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        result = self.generator(request, self.out_dir)
         for message in result.messages:
             print(message)
         return [Path(p) for p in result.paths]

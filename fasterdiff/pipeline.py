@@ -13,8 +13,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from . import schedule
-from .sampling import Conditioning, RunStats, denoise
 from .samplers import check_sampler, make_scheduler
+from .sampling import Conditioning, RunStats, denoise
 from .unet import check_supported
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -197,6 +197,8 @@ class FasterDiffusionPipeline(StableDiffusionPipeline):
         if output_type == "latent":
             return latents, None
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        if not torch.isfinite(image).all():
+            raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
         image, nsfw = self.run_safety_checker(image, device, dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw

@@ -161,7 +161,7 @@ def denoise(
         for first in range(0, len(group), size):
             chunk = group[first : first + size]
             eps_list = _decode_steps(unet, features, timesteps[chunk.start : chunk.stop], cond, stats)
-            for i, eps in zip(chunk, eps_list):
+            for i, eps in zip(chunk, eps_list, strict=True):
                 t = timesteps[i]
                 if i != key:
                     latents = inject(latents, t)

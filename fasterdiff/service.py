@@ -7,7 +7,7 @@ and ``python -m fasterdiff generate`` are thin shells over :class:`Generator`.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
 import os
 import time
@@ -19,9 +19,8 @@ from diffusers import StableDiffusionPipeline
 
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
+from .sampling import is_out_of_memory
 from .schedule import parse_step_list, resolve
-
-log = logging.getLogger("fasterdiff")
 
 KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -170,14 +169,15 @@ class Generator:
             num_images_per_prompt=req.num_outputs,
         )
         fast = self.fast[req.disable_safety_checker]
-        out = fast(
-            **common,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            sampler=req.sampler,
-            key_steps=req.key_steps(),
-            parallel=req.parallel,
-            noise_injection=req.noise_injection_strength,
-        )
+        with _explain_out_of_memory(req):
+            out = fast(
+                **common,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                sampler=req.sampler,
+                key_steps=req.key_steps(),
+                parallel=req.parallel,
+                noise_injection=req.noise_injection_strength,
+            )
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
         messages += [
@@ -193,7 +193,8 @@ class Generator:
             stock = self.stock[req.disable_safety_checker]
             stock.scheduler = make_scheduler(req.sampler, self.base_scheduler_config)
             start = time.perf_counter()
-            base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
+            with _explain_out_of_memory(req):
+                base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             baseline_seconds = time.perf_counter() - start
@@ -210,6 +211,23 @@ class Generator:
             raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats.key_steps, stats.encoder_calls_saved, stats.seconds, baseline_seconds, messages)
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(req: Request):
+    """Out of memory even one step at a time: say what to lower instead of a trace."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RuntimeError(
+            f"out of memory generating {req.num_outputs} image(s) of {req.width}x{req.height}; "
+            "lower num_outputs, width or height"
+        ) from err
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def save_images(images, out_dir: Path, fmt: str, quality: int) -> list[Path]:

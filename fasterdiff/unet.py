@@ -78,6 +78,10 @@ def encode(
     cross_attention_kwargs: dict | None = None,
 ) -> EncoderFeatures:
     """``conv_in``, the down blocks and the mid block on ``sample``."""
+    if hasattr(unet, "_tome_info"):
+        # ToMe (tomesd) reads the latent size from a hook on unet.forward, which the
+        # split never calls; record it as that hook would (decode sees the same size).
+        unet._tome_info["size"] = tuple(sample.shape[-2:])
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
     h = unet.conv_in(sample)

@@ -30,3 +30,25 @@ def count_calls(module: torch.nn.Module, batch_sizes: list | None = None):
         yield calls
     finally:
         handle.remove()
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A tiny SD-format pipeline saved to a folder, as FASTERDIFF_WEIGHTS would point to."""
+    folder = tmp_path_factory.mktemp("weights")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(weights):
+    """cog's real HTTP server on predict.py, set up on the tiny weights."""
+    from cog_server import CogServer
+
+    srv = CogServer(weights)
+    try:
+        health = srv.wait_setup()
+        assert health["status"] == "READY", health
+        yield srv
+    finally:
+        srv.stop()

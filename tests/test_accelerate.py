@@ -224,3 +224,14 @@ def test_load_pipeline_from_saved_folder(pipe, tmp_path):
 def test_load_pipeline_missing_folder_names_the_download_command(tmp_path):
     with pytest.raises(fasterdiff.weights.WeightsUnavailable, match="download-weights"):
         fasterdiff.load_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_works_with_every_key_step_mode(pipe, sampler):
+    fast = fasterdiff.accelerate(pipe)
+    for key_steps in ("paper", 3, [0, 1, 4], "off"):
+        seq = run(fast, steps=9, sampler=sampler, key_steps=key_steps, parallel=False)
+        par = run(fast, steps=9, sampler=sampler, key_steps=key_steps, parallel=True)
+        assert np.isfinite(par.images).all() and par.images.std() > 0
+        assert np.abs(seq.images - par.images).max() <= 1e-4, key_steps
+        assert par.stats.encoder_calls == len(par.stats.key_steps)

@@ -16,24 +16,6 @@ from fasterdiff.service import BOUNDS
 FAST = dict(num_inference_steps=4, width=256, height=256)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    fasterdiff.tiny.tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(weights):
-    srv = CogServer(weights)
-    try:
-        health = srv.wait_setup()
-        assert health["status"] == "READY", health
-        yield srv
-    finally:
-        srv.stop()
-
-
 def images_of(body) -> list[Image.Image]:
     out = []
     for uri in body["output"]:
@@ -109,27 +91,6 @@ def test_checked_in_schema_is_what_the_generator_writes():
     assert result.returncode == 0, result.stderr
 
 
-BAD_INPUTS = [
-    (dict(num_inference_steps=0), "num_inference_steps"),
-    (dict(sampler="LMS"), "sampler"),
-    (dict(key_step_mode="custom", custom_key_steps="0,,3"), "custom_key_steps"),
-    (dict(key_step_mode="custom", custom_key_steps="0,2,99"), "custom_key_steps"),
-    (dict(key_step_mode="custom", custom_key_steps="3,2"), "custom_key_steps"),
-    (dict(width=500), "width"),
-    (dict(num_outputs=5), "num_outputs"),
-]
-
-
-@pytest.mark.parametrize("bad, name", BAD_INPUTS, ids=[b[1] + "=" + str(list(b[0].values())[-1]) for b in BAD_INPUTS])
-def test_bad_input_is_refused_with_a_message_naming_it(server, bad, name):
-    status, body = server.predict({**FAST, "prompt": "a cat", **bad})
-    if status == 422:
-        assert name in json.dumps(body["detail"])
-    else:
-        assert status == 200 and body["status"] == "failed", body
-        assert name in body["error"]
-
-
 def test_missing_weights_offline_fail_setup_with_the_download_command(tmp_path):
     srv = CogServer(tmp_path / "empty")
     try:
@@ -161,3 +122,109 @@ def test_cli_help_and_bad_argument():
     bad = subprocess.run([sys.executable, "-m", "fasterdiff", "generate", "a cat", "--width", "5000"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--width" in bad.stderr
+
+
+LONG = "a cat " * 2000
+SERVER_BAD_INPUTS = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   \n\t"), "prompt"),
+    (dict(prompt=123), "prompt"),
+    (dict(prompt=LONG * 2), "prompt"),
+    (dict(negative_prompt=LONG * 2), "negative_prompt"),
+    (dict(width="abc"), "width"),
+    (dict(width=500), "width"),
+    (dict(width=2048), "width"),
+    (dict(height=100), "height"),
+    (dict(height=260), "height"),
+    (dict(width=256.5), "width"),
+    (dict(num_outputs=0), "num_outputs"),
+    (dict(num_outputs=5), "num_outputs"),
+    (dict(sampler="LMS"), "sampler"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_inference_steps=101), "num_inference_steps"),
+    (dict(num_inference_steps="many"), "num_inference_steps"),
+    (dict(key_step_mode="fast"), "key_step_mode"),
+    (dict(uniform_interval=1), "uniform_interval"),
+    (dict(uniform_interval=11), "uniform_interval"),
+    (dict(key_step_mode="custom", custom_key_steps="0,,3"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps="-1"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps="3,2"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps="a"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps="0,2,2"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps="0,2,4"), "custom_key_steps"),  # 4 >= num_inference_steps
+    (dict(key_step_mode="custom", custom_key_steps="1,2"), "custom_key_steps"),
+    (dict(key_step_mode="custom", custom_key_steps=""), "custom_key_steps"),
+    (dict(key_step_mode="uniform", custom_key_steps="0,1"), "custom_key_steps"),
+    (dict(noise_injection_strength=0.5), "noise_injection_strength"),
+    (dict(noise_injection_strength=-0.01), "noise_injection_strength"),
+    (dict(guidance_scale=0.5), "guidance_scale"),
+    (dict(guidance_scale=25), "guidance_scale"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2**32), "seed"),
+    (dict(seed="lucky"), "seed"),
+    (dict(output_format="gif"), "output_format"),
+    (dict(output_quality=0), "output_quality"),
+    (dict(output_quality=101), "output_quality"),
+    (dict(parallel="maybe"), "parallel"),
+    (dict(compare_with_baseline=[1]), "compare_with_baseline"),
+]
+
+
+def test_many_bad_inputs_get_a_message_naming_the_input_and_the_server_keeps_serving(server):
+    assert len(SERVER_BAD_INPUTS) >= 30
+    for bad, name in SERVER_BAD_INPUTS:
+        inputs = {**FAST, "prompt": "a cat", **bad}
+        status, body = server.predict(inputs)
+        if status == 422:
+            message = json.dumps(body["detail"])
+        else:
+            assert status == 200 and body["status"] == "failed", (bad, body)
+            message = body["error"]
+            assert "Traceback" not in message, (bad, message)
+        assert name in message, (bad, message)
+    status, body = server.predict({**FAST, "prompt": "a cat", "seed": 1})
+    assert status == 200 and body["status"] == "succeeded", body
+
+
+def test_prompt_beyond_77_tokens_succeeds_with_a_logged_warning(server):
+    status, body = server.predict({**FAST, "prompt": " ".join(["a red cat"] * 60), "seed": 1})
+    assert body["status"] == "succeeded", body
+    assert "CLIP reads only the first 77" in body["logs"]
+
+
+def _rss_kib(root: int) -> int:
+    """Resident memory of a process and all its descendants, in KiB."""
+    import pathlib
+
+    parent, rss = {}, {}
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        parent[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(proc.name)] = next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS")), 0)
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return sum(kib for pid, kib in rss.items() if descends(pid))
+
+
+def test_soak_200_predictions_with_flat_memory(server):
+    inputs = {"prompt": "a cat", "num_inference_steps": 1, "width": 256, "height": 256, "output_format": "png"}
+    rss = {}
+    for i in range(1, 201):
+        status, body = server.predict({**inputs, "seed": i, "num_outputs": 1 + i % 2})
+        assert status == 200 and body["status"] == "succeeded", (i, body)
+        if i in (20, 200):
+            rss[i] = _rss_kib(server.proc.pid)
+    print(f"soak: server RSS after prediction 20: {rss[20]} KiB, after 200: {rss[200]} KiB")
+    assert rss[200] <= 1.10 * rss[20], rss

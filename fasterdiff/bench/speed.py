@@ -47,6 +47,38 @@ class Method:
     name: str
     run: Callable[[], None]  # samples once from the shared inputs
     note: str = ""
+    # Patches the pipeline for this method while active (DeepCache, ToMe); untimed.
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def deepcache(pipe, interval: int = 3, branch: int = 0):
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()
+
+
+@contextlib.contextmanager
+def tome(pipe, ratio: float = 0.5):
+    import tomesd
+
+    tomesd.apply_patch(pipe, ratio=ratio)
+    try:
+        yield
+    finally:
+        tomesd.remove_patch(pipe)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def build_pipeline(cfg: Config):
@@ -96,7 +128,7 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
     def accelerated(**settings):
         return lambda: fast(latents=latents.clone(), sampler=cfg.sampler, **common, **settings)
 
-    return [
+    methods = [
         Method("stock diffusers", stock),
         Method("fasterdiff paper, sequential", accelerated(key_steps="paper", parallel=False)),
         Method("fasterdiff paper, parallel", accelerated(key_steps="paper", parallel=True)),
@@ -106,6 +138,25 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
         ),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
     ]
+    if _installed("DeepCache"):
+        methods.append(
+            Method(
+                "DeepCache (interval 3, branch 0)",
+                stock,
+                "at cached steps only conv_in and the last up-block layer run",
+                lambda: deepcache(pipe),
+            )
+        )
+    if _installed("tomesd"):
+        methods.append(Method("ToMe (ratio 0.5)", stock, context=lambda: tome(pipe)))
+        methods.append(
+            Method(
+                "fasterdiff paper, parallel + ToMe (0.5)",
+                accelerated(key_steps="paper", parallel=True),
+                context=lambda: tome(pipe),
+            )
+        )
+    return methods
 
 
 @contextlib.contextmanager
@@ -139,17 +190,25 @@ def run(cfg: Config) -> dict:
     methods = make_methods(pipe, cfg)
     results = {m.name: {"seconds": [], "ratio": []} for m in methods}
     with tqdm(total=len(methods) * (cfg.rounds + 1), desc="speed benchmark", unit="run") as bar:
-        for m in methods:  # warm-up, and the call counts and peak memory of each
-            with _call_counter(pipe.unet.down_blocks[0]) as enc, _call_counter(pipe.unet.up_blocks[0]) as dec:
-                with PeakMemory(device) as mem:
-                    m.run()
-            results[m.name].update(encoder_calls=enc[0], decoder_calls=dec[0], peak_memory_bytes=mem.peak, added_memory_bytes=mem.added)
+        # Encoder / decoder passes: the first conv of the first down block and of the
+        # deepest up block run only when that half of the UNet really runs (DeepCache
+        # skips them at cached steps through wrapped forwards, so block hooks would not do).
+        enc_probe = pipe.unet.down_blocks[0].resnets[0].conv1
+        dec_probe = pipe.unet.up_blocks[0].resnets[0].conv1
+        for m in methods:  # warm-up, and the call counts of each
+            with m.context(), _call_counter(enc_probe) as enc, _call_counter(dec_probe) as dec:
+                m.run()
+            results[m.name].update(encoder_calls=enc[0], decoder_calls=dec[0], peak_memory_bytes=0, added_memory_bytes=0)
             bar.update()
         for _ in range(cfg.rounds):
             times = {}
             for m in methods:
                 bar.set_postfix_str(m.name)
-                times[m.name] = _timed(m.run, device)
+                with m.context(), PeakMemory(device) as mem:
+                    times[m.name] = _timed(m.run, device)
+                r = results[m.name]
+                r["peak_memory_bytes"] = max(r["peak_memory_bytes"], mem.peak)
+                r["added_memory_bytes"] = max(r["added_memory_bytes"], mem.added)
                 bar.update()
             for m in methods:
                 results[m.name]["seconds"].append(times[m.name])

@@ -1,0 +1,161 @@
+"""Reliability of the library and the shared request path: memory faults, NaN,
+isolation between runs, determinism, no outside access."""
+
+import gc
+import logging
+import socket
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+
+import fasterdiff
+from fasterdiff import unet as unet_split
+from fasterdiff.samplers import make_scheduler
+from fasterdiff.service import Generator, Request
+
+SIZE = dict(height=64, width=64)
+
+
+@pytest.fixture
+def oom_above(pipe):
+    """Make every decoder call with more than ``limit`` samples raise OutOfMemoryError."""
+    handles = []
+
+    def install(limit: int):
+        def hook(_mod, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden.shape[0] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected above batch {limit})")
+
+        handles.append(pipe.unet.up_blocks[0].register_forward_pre_hook(hook, with_kwargs=True))
+
+    yield install
+    for h in handles:
+        h.remove()
+
+
+def test_out_of_memory_in_a_decoder_batch_falls_back_to_smaller_chunks(pipe, oom_above, caplog):
+    fast = fasterdiff.accelerate(pipe, key_steps="paper")
+    kw = dict(num_inference_steps=20, output_type="np", **SIZE)
+    sequential = fast("a cat", parallel=False, generator=gen(), **kw).images
+    oom_above(2 * 3)  # CFG doubles the batch: at most 3 steps fit
+    with caplog.at_level(logging.WARNING, logger="fasterdiff"):
+        result = fast("a cat", parallel=True, generator=gen(), **kw)
+    assert np.abs(result.images - sequential).max() <= 1e-4
+    assert result.stats.out_of_memory_retries > 0
+    assert max(result.stats.decoder_steps_per_call) <= 3
+    assert "ran out of memory" in caplog.text
+
+
+def test_out_of_memory_down_to_single_steps_still_gives_the_sequential_image(pipe, oom_above):
+    fast = fasterdiff.accelerate(pipe, key_steps=10)
+    kw = dict(num_inference_steps=20, output_type="np", **SIZE)
+    sequential = fast("a cat", parallel=False, generator=gen(), **kw).images
+    oom_above(2)
+    result = fast("a cat", generator=gen(), **kw)
+    assert result.stats.decoder_steps_per_call == [1] * 20
+    assert np.abs(result.images - sequential).max() <= 1e-4
+
+
+def test_out_of_memory_for_a_single_step_is_a_clear_error(pipe, oom_above):
+    generator = Generator(pipe)
+    oom_above(0)
+    with pytest.raises(RuntimeError, match="out of memory generating 1 image.*lower num_outputs"):
+        generator(Request(prompt="a cat", num_inference_steps=2, width=256, height=256), "/tmp/unused")
+
+
+def test_nan_latents_end_with_a_clear_error_not_a_black_image(pipe):
+    handle = pipe.unet.conv_out.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="NaN"):
+            fasterdiff.accelerate(pipe)("a cat", num_inference_steps=3, generator=gen(), **SIZE)
+    finally:
+        handle.remove()
+
+
+def test_nan_from_the_vae_is_a_clear_error(pipe):
+    handle = pipe.vae.decoder.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="VAE"):
+            fasterdiff.accelerate(pipe)("a cat", num_inference_steps=2, generator=gen(), **SIZE)
+    finally:
+        handle.remove()
+
+
+def test_cached_features_are_released_after_each_group_and_run(pipe, monkeypatch):
+    alive = []
+    original = unet_split.encode
+
+    def tracking(*args, **kwargs):
+        features = original(*args, **kwargs)
+        alive.extend(weakref.ref(t) for t in (*features.skips, features.mid))
+        return features
+
+    monkeypatch.setattr(unet_split, "encode", tracking)
+    result = fasterdiff.accelerate(pipe)("a cat", num_inference_steps=10, generator=gen(), **SIZE)
+    assert result.stats.encoder_calls == 5
+    gc.collect()
+    assert alive and all(ref() is None for ref in alive)
+
+
+def test_runs_do_not_affect_each_other(pipe):
+    fast = fasterdiff.accelerate(pipe)
+    a = dict(prompt="a cat", num_inference_steps=8, sampler="Euler-Ancestral", key_steps=3, generator=gen(1))
+    b = dict(prompt="a dog", num_inference_steps=12, sampler="DPM-Solver++", num_images_per_prompt=2, generator=gen(2))
+
+    def run(kw):
+        kw = dict(kw, generator=gen(kw["generator"].initial_seed()))
+        return fast(output_type="np", **SIZE, **kw).images
+
+    alone_a, alone_b = run(a), run(b)
+    for _ in range(2):
+        assert np.array_equal(run(a), alone_a)
+        assert np.array_equal(run(b), alone_b)
+
+
+def test_compare_with_baseline_returns_true_stock_images(pipe, tmp_path):
+    generator = Generator(pipe)
+    req = Request(prompt="a cat", num_inference_steps=4, width=256, height=256, seed=3,
+                  sampler="UniPC", output_format="png", compare_with_baseline=True)
+    result = generator(req, tmp_path / "out")
+    assert len(result.paths) == 2 and result.baseline_seconds > 0
+    stock = fasterdiff.tiny.tiny_pipeline()
+    stock.scheduler = make_scheduler("UniPC", pipe.scheduler.config)
+    expected = stock("a cat", num_inference_steps=4, width=256, height=256, generator=gen(3)).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(result.paths[1])), np.asarray(expected))
+    assert not np.array_equal(np.asarray(Image.open(result.paths[0])), np.asarray(expected))
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+def test_same_inputs_and_seed_give_byte_identical_files(pipe, tmp_path, fmt):
+    generator = Generator(pipe)
+    req = dict(prompt="a cat", num_inference_steps=4, width=256, height=256, seed=11, output_format=fmt, num_outputs=2)
+    first = generator(Request(**req), tmp_path / "a").paths
+    second = generator(Request(**req), tmp_path / "b").paths
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_no_network_at_predict_time_and_inputs_are_only_text(pipe, tmp_path, monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("network access at predict time")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    generator = Generator(pipe)
+    for prompt in ("../../../etc/passwd", "http://example.com/cat.png", "$(touch /tmp/pwned) `id`", "{{7*7}}"):
+        result = generator(Request(prompt=prompt, negative_prompt="file:///etc/shadow", num_inference_steps=2,
+                                   width=256, height=256, seed=1), tmp_path / "out")
+        assert [p.parent for p in result.paths] == [tmp_path / "out"]
+        assert [p.name for p in result.paths] == ["out-0.webp"]
+
+
+def test_prompt_beyond_77_tokens_is_truncated_with_a_warning(pipe, tmp_path):
+    long_prompt = " ".join(["a red cat"] * 60)
+    result = Generator(pipe)(Request(prompt=long_prompt, num_inference_steps=2, width=256, height=256, seed=1),
+                             tmp_path)
+    assert any("tokens; CLIP reads only the first 77" in m for m in result.messages)

@@ -35,7 +35,10 @@ def _add_generate(sub) -> None:
     d = Request(prompt="")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("-o", "--output", default="out.webp", help="output file; with several images, -N is added (default: out.webp)")
-    p.add_argument("--weights", help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/)")
+    p.add_argument(
+        "--weights",
+        help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/, downloaded there if empty)",
+    )
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to keep out of the image")
     p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 256-1024 (default: 512)")
     p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 256-1024 (default: 512)")
@@ -58,7 +61,7 @@ def _generate(args) -> int:
     import shutil
 
     from .service import Generator
-    from .weights import load_pipeline, weights_dir
+    from .weights import ensure_weights, load_pipeline
 
     out = Path(args.output)
     fmt = out.suffix.lstrip(".").lower().replace("jpeg", "jpg")
@@ -68,7 +71,7 @@ def _generate(args) -> int:
     fields = {k: v for k, v in vars(args).items() if k in Request.__dataclass_fields__}
     request = Request(**fields, output_format=fmt)
     request.validate()
-    generator = Generator(load_pipeline(args.weights or weights_dir()))
+    generator = Generator(load_pipeline(args.weights or ensure_weights()))
     with tempfile.TemporaryDirectory() as tmp:
         result = generator(request, tmp)
         for message in result.messages:

@@ -81,3 +81,15 @@ def download_weights(dest: str | os.PathLike | None = None, repo_id: str = SD15_
             f"Fetch the weights on a machine with internet access with: {DOWNLOAD_COMMAND} --dest {dest}"
         ) from err
     return dest
+
+
+def ensure_weights(folder: str | os.PathLike | None = None) -> Path:
+    """``folder`` (default :func:`weights_dir`), downloading SD 1.5 into it if it is empty."""
+    folder = Path(folder) if folder is not None else weights_dir()
+    if not has_weights(folder):
+        print(f"no weights in {folder}; downloading {SD15_REPO_ID} (about 2 GB)", flush=True)
+        try:
+            download_weights(folder)
+        except WeightsUnavailable as err:
+            raise WeightsUnavailable(f"Stable Diffusion 1.5 weights are missing from {folder}, and {err}") from None
+    return folder

@@ -235,3 +235,12 @@ def test_every_sampler_works_with_every_key_step_mode(pipe, sampler):
         assert np.isfinite(par.images).all() and par.images.std() > 0
         assert np.abs(seq.images - par.images).max() <= 1e-4, key_steps
         assert par.stats.encoder_calls == len(par.stats.key_steps)
+
+
+def test_load_pipeline_from_a_folder_of_fp16_files(pipe, tmp_path):
+    """download-weights fetches only the *.fp16.safetensors files; they must load as such."""
+    pipe.save_pretrained(tmp_path / "sd", variant="fp16")
+    assert not list((tmp_path / "sd" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    loaded = fasterdiff.load_pipeline(tmp_path / "sd", local_files_only=True)
+    assert loaded.unet.dtype == torch.float32  # fp32 on CPU, whatever the files hold
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)

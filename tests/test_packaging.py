@@ -67,3 +67,28 @@ def test_speed_benchmark_quick_runs_every_method(tmp_path):
     assert "torch" in data["environment"] and data["environment"]["cpu_count"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| stock diffusers |" in out.with_suffix(".md").read_text()
+
+
+def test_predictor_inputs_are_literals_cog_build_can_read():
+    """`cog build` (0.23) reads predict.py statically: a bound, choice list, default or
+    description that is not a plain literal is silently dropped or fails the build."""
+    import ast
+
+    source = (ROOT / "predict.py").read_text()
+    run = next(
+        node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef) and node.name == "run"
+    )
+    calls = [d for d in run.args.defaults if isinstance(d, ast.Call)]
+    assert len(calls) == len(run.args.args) - 1  # every input but self uses Input(...)
+    for call in calls:
+        for kw in call.keywords:
+            segment = ast.get_source_segment(source, kw.value)
+            if kw.arg in ("ge", "le", "default"):
+                assert isinstance(kw.value, ast.Constant), segment
+            elif kw.arg == "description":
+                assert isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str), segment
+                # one string token: an implicitly concatenated one would reach the schema garbled
+                assert segment[0] in "\"'" and segment.count(segment[0]) == 2, segment
+            elif kw.arg == "choices":
+                assert isinstance(kw.value, ast.List), segment
+                assert all(isinstance(e, ast.Constant) for e in kw.value.elts), segment

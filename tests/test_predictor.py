@@ -206,7 +206,7 @@ def _rss_kib(root: int) -> int:
         except OSError:
             continue
         parent[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        rss[int(proc.name)] = next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS")), 0)
+        rss[int(proc.name)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0)
 
     def descends(pid: int) -> bool:
         while pid > 1:

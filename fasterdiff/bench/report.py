@@ -80,8 +80,8 @@ def _bar_chart(result: dict, path: Path, command: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
     ax.barh(names[::-1], med[::-1], xerr=[e[::-1] for e in err], color="#4878a8", capsize=3)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    for y, m in enumerate(med[::-1]):
-        ax.text(m + 0.02, y, f"{m:.2f}x", va="center", fontsize=8)
+    for y, r in enumerate(rows[::-1]):
+        ax.text(r["speedup_max"] + 0.04, y, f"{r['speedup_median']:.2f}x", va="center", fontsize=8)
     cfg, env = result["config"], result["environment"]
     ax.set_xlabel("speedup vs stock diffusers (median, min-max over rounds)")
     ax.set_title(

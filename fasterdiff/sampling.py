@@ -103,9 +103,11 @@ def _decode_steps(
             cond.prompt_embeds.repeat(n, 1, 1),
             cond.cross_attention_kwargs,
         )
-    except (RuntimeError, torch.OutOfMemoryError) as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
         if n == 1 or not is_out_of_memory(err):
             raise
+        eps = None  # retry outside the except block, once the failed attempt's tensors are freed
+    if eps is None:
         stats.out_of_memory_retries += 1
         half = n // 2
         log.warning("decoder batch of %d steps ran out of memory; retrying as %d + %d steps", n, half, n - half)

@@ -137,9 +137,7 @@ class FasterDiffusionPipeline(StableDiffusionPipeline):
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
         device = self._execution_device
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
+        self._guidance_scale = guidance_scale  # read by do_classifier_free_guidance
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         images = batch_size * num_images_per_prompt
 

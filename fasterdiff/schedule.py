@@ -96,9 +96,6 @@ class KeySteps:
         bounds = list(self.steps) + [self.num_steps]
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
-    def is_key(self, step: int) -> bool:
-        return step in self.steps
-
 
 def resolve(key_steps, num_steps: int) -> KeySteps:
     """Turn the user-facing ``key_steps`` argument into a :class:`KeySteps`.

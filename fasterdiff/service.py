@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
-from .sampling import is_out_of_memory
+from .sampling import RunStats, is_out_of_memory
 from .schedule import parse_step_list, resolve
 
 KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
@@ -99,7 +99,10 @@ class Request:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.key_step_mode != "custom" and self.custom_key_steps.strip():
             raise ValueError("custom_key_steps is only used with key_step_mode='custom'")
-        resolve(self.key_steps(), self.num_inference_steps)  # range checks against the step count
+        try:
+            resolve(self.key_steps(), self.num_inference_steps)  # range checks against the step count
+        except ValueError as err:
+            raise ValueError(str(err).replace("key_steps:", "custom_key_steps:", 1)) from None
 
     def key_steps(self):
         """The library's ``key_steps`` argument for this request."""
@@ -111,20 +114,14 @@ class Request:
             return "off"
         if not self.custom_key_steps.strip():
             raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
-        steps = parse_step_list(self.custom_key_steps)
-        try:
-            return list(resolve(steps, self.num_inference_steps).steps)
-        except ValueError as err:
-            raise ValueError(str(err).replace("key_steps:", "custom_key_steps:", 1)) from None
+        return parse_step_list(self.custom_key_steps)
 
 
 @dataclass
 class Result:
     paths: list[Path]
     seed: int
-    key_steps: tuple[int, ...]
-    encoder_calls_saved: int
-    seconds: float
+    stats: RunStats  # what the accelerated run did
     baseline_seconds: float | None = None
     messages: list[str] = field(default_factory=list)
 
@@ -210,7 +207,7 @@ class Generator:
         if not kept:
             raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
-        return Result(paths, seed, stats.key_steps, stats.encoder_calls_saved, stats.seconds, baseline_seconds, messages)
+        return Result(paths, seed, stats, baseline_seconds, messages)
 
 
 @contextlib.contextmanager

@@ -33,8 +33,8 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What to draw."),
         negative_prompt: str = Input(description="What to keep out of the image.", default=""),
-        width: int = Input(description="Width in pixels, a multiple of 8.", default=512, ge=256, le=1024),
-        height: int = Input(description="Height in pixels, a multiple of 8.", default=512, ge=256, le=1024),
+        width: int = Input(description="Width in pixels, a multiple of 8; at least 256 for SD 1.5 (half its native 512).", default=512, ge=32, le=1024),
+        height: int = Input(description="Height in pixels, a multiple of 8; at least 256 for SD 1.5 (half its native 512).", default=512, ge=32, le=1024),
         num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
         sampler: str = Input(
             description="Sampler (scheduler).",

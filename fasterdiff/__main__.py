@@ -1,4 +1,4 @@
-"""Command line: ``python -m fasterdiff {generate,download-weights,benchmark} ...``."""
+"""Command line: ``python -m fasterdiff {generate,download-weights,benchmark,analyze} ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .samplers import SAMPLER_NAMES
+from .samplers import DETERMINISTIC_SAMPLERS, SAMPLER_NAMES
 from .service import BOUNDS, KEY_STEP_MODES, OUTPUT_FORMATS, Request
 
 
@@ -40,8 +40,8 @@ def _add_generate(sub) -> None:
         help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/, downloaded there if empty)",
     )
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to keep out of the image")
-    p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 256-1024 (default: 512)")
-    p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 256-1024 (default: 512)")
+    p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
+    p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
     p.add_argument("--num-outputs", type=_bounded("num_outputs"), default=d.num_outputs, help="1-4 (default: 1)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler, help="(default: DDIM)")
     p.add_argument("--steps", dest="num_inference_steps", type=_bounded("num_inference_steps"), default=d.num_inference_steps, help="1-100 (default: 50)")
@@ -103,10 +103,99 @@ def _add_benchmark(sub) -> None:
     s.add_argument("--max-batch", type=int, default=2, help="max_batch of the memory-bounded parallel method")
     s.add_argument("--quick", action="store_true", help="tiny model, seconds: proves the benchmark runs")
     s.add_argument("--out", help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>)")
+    _add_fidelity(bsub)
+
+
+def _add_fidelity(bsub) -> None:
+    f = bsub.add_parser(
+        "fidelity",
+        help="image quality of every method and of the controls, on the trained stand-in",
+        description="Speed and fidelity of every method against stock sampling and the controls "
+        "(fewer steps at equal cost, whole noise-prediction reuse) on the stand-in model (standin/).",
+    )
+    f.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="deterministic samplers only (default: DDIM)")
+    f.add_argument("--steps", type=_positive(2, 100), default=50, help="2-100 (default: 50)")
+    f.add_argument("--seeds", type=_positive(1, 20), default=3, help="seeds per prompt, 180 prompts (default: 3)")
+    f.add_argument("--prompts", type=_positive(1, 180), default=None, help="only the first N prompts (quick runs)")
+    f.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
+    f.add_argument("--standin", default=None, help="stand-in folder (default: standin/)")
+    f.add_argument("--out", help="output path prefix (default: benchmarks/results/fidelity-<sampler>-<steps>)")
+
+
+def _positive(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _fidelity(args, argv) -> int:
+    from .bench import fidelity, fidelity_report
+
+    cfg = fidelity.Config(
+        sampler=args.sampler,
+        steps=args.steps,
+        seeds=args.seeds,
+        prompts=args.prompts,
+        guidance_scale=args.guidance_scale,
+        **({"standin": args.standin} if args.standin else {}),
+    )
+    result = fidelity.run(cfg)
+    prefix = args.out or f"benchmarks/results/fidelity-{args.sampler}-{args.steps}"
+    paths = fidelity_report.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    print(fidelity_report.markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses of a pipeline's UNet")
+    asub = p.add_subparsers(dest="analysis", required=True)
+    f = asub.add_parser(
+        "features",
+        help="per-step change of encoder, bottleneck and decoder features (the paper's Fig. 2a)",
+        description="Sample with the stock sampler and record how much each UNet block's output "
+        "changes from one step to the next; writes a PNG plot, a markdown table and JSON.",
+    )
+    f.add_argument("--weights", default=None, help="SD-format folder (default: the stand-in, standin/pipeline)")
+    f.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="deterministic samplers only (default: DDIM)")
+    f.add_argument("--steps", type=_positive(2, 100), default=50, help="2-100 (default: 50)")
+    f.add_argument("--prompt", action="append", help="repeatable (default: 8 stand-in prompts)")
+    f.add_argument("--guidance-scale", type=float, default=7.5)
+    f.add_argument("--out", help="output path prefix (default: benchmarks/results/features-<model>-<sampler>-<steps>)")
+
+
+def _analyze(args, argv) -> int:
+    import torch
+
+    from . import features
+    from .standin import PIPELINE_DIR, STANDIN_DIR, data, require
+    from .weights import load_pipeline
+
+    weights = Path(args.weights) if args.weights else require(STANDIN_DIR) / "pipeline"
+    prompts = args.prompt or [data.Attributes(d, d % len(data.COLORS), d % 3).prompt for d in range(8)]
+    pipe = load_pipeline(weights, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    result = features.analyze(pipe, prompts, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
+    model = "standin" if weights.resolve() == PIPELINE_DIR.resolve() else weights.name
+    prefix = args.out or f"benchmarks/results/features-{model}-{args.sampler}-{args.steps}"
+    paths = features.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    print(features.markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _benchmark(args, argv) -> int:
     from .bench import report, speed
+
+    if args.benchmark == "fidelity":
+        return _fidelity(args, argv)
 
     size = args.size or (512 if args.device == "cuda" else 256)
     cfg = speed.Config(
@@ -138,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     dl = sub.add_parser("download-weights", help="download SD 1.5 (fp16, with safety checker) into weights/")
     dl.add_argument("--dest", help="folder (default: $FASTERDIFF_WEIGHTS or weights/)")
     _add_benchmark(sub)
+    _add_analyze(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
         if args.command == "download-weights":
             return _download(args)
+        if args.command == "analyze":
+            return _analyze(args, argv)
         return _benchmark(args, argv)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

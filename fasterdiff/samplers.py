@@ -27,6 +27,9 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 SAMPLER_NAMES = tuple(SAMPLERS)
+# One UNet evaluation per step, images determined by z_T alone (Euler-Ancestral draws
+# noise each step; PNDM makes N+1 evaluations): what step-by-step analyses need.
+DETERMINISTIC_SAMPLERS = ("DDIM", "DPM-Solver", "DPM-Solver++", "Euler", "UniPC")
 
 
 def check_sampler(name: str) -> None:

@@ -26,10 +26,11 @@ KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
-# Numeric inputs: name -> (min, max). Sizes must also be multiples of 8.
+# Numeric inputs: name -> (min, max). Sizes must also be multiples of 8, and at least
+# half the model's native size (256 for SD 1.5; see Generator.min_size).
 BOUNDS = {
-    "width": (256, 1024),
-    "height": (256, 1024),
+    "width": (32, 1024),
+    "height": (32, 1024),
     "num_outputs": (1, 4),
     "num_inference_steps": (1, 100),
     "uniform_interval": (2, 10),
@@ -143,9 +144,18 @@ class Generator:
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
         self.fast = {False: accelerate(pipe), True: accelerate(unchecked)}
         self.base_scheduler_config = pipe.scheduler.config
+        # Below half its native size (512 for SD 1.5) a model draws broken images.
+        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.min_size = max(BOUNDS["width"][0], self.native_size // 2)
 
     def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
         req.validate()
+        for name in ("width", "height"):
+            if getattr(req, name) < self.min_size:
+                raise ValueError(
+                    f"{name} must be at least {self.min_size} for this model (half its native "
+                    f"{self.native_size}x{self.native_size}), got {getattr(req, name)}"
+                )
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
         messages = [f"seed: {seed}"]
         tokenizer = self.stock[False].tokenizer

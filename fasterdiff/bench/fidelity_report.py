@@ -1,0 +1,193 @@
+"""Writing the fidelity benchmark's results: JSON, markdown, frontier plot, image grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..standin import data
+
+MARKERS = {
+    "stock": ("*", "black"),
+    "method": ("o", "tab:blue"),
+    "eps reuse": ("s", "tab:red"),
+    "fewer steps": ("^", "tab:gray"),
+}
+
+
+def _ci(values) -> str:
+    return f"{values[0]:.3g}-{values[1]:.3g}"
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| method | steps | enc / dec steps | UNet FLOPs vs stock | speedup median (min-max) | accuracy all (95% CI) | digit / colour / thickness | Frechet distance (95% CI) | PSNR vs stock dB | SSIM vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        a = r["accuracy"]
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['encoder_calls']} / {r['decoder_steps']:g} | {r['unet_cost']:.2f} "
+            f"| {r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) "
+            f"| {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
+            f"| {r['frechet_distance']:.2f} ({_ci(r['frechet_distance_ci95'])}) | {min(r['psnr_vs_stock'], 99.99):.2f} | {r['ssim_vs_stock']:.4f} |"
+        )
+    real = result["real"]
+    for label, key in (
+        ("real digits, second set (noise floor)", "second_real_set"),
+        ("real digits through the VAE (VAE floor)", "reference_through_vae"),
+    ):
+        r = real[key]
+        a = r["accuracy"]
+        lines.append(
+            f"| {label} | - | - | - | - | {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
+            f"| {r['frechet_distance']:.2f} ({_ci(r['frechet_distance_ci95'])}) | - | - |"
+        )
+    a = real["reference"]["accuracy"]
+    v = real["classifier_validation_accuracy"]
+    lines += [
+        "",
+        f"Reference set: {result['pairs']} real digits ({real['reference']['distinct_digits']} distinct) with the prompts' "
+        f"attributes, classified all / digit / colour / thickness {a['all']:.3f} / {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f}; "
+        f"the classifier on its own validation digits: {v['all']:.3f} / {v['digit']:.3f} / {v['color']:.3f} / {v['thickness']:.3f}.",
+    ]
+    return "\n".join(lines)
+
+
+def frontier_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    metrics = (
+        ("frechet_distance", "Frechet distance to real (lower is better)"),
+        ("psnr_vs_stock", "PSNR vs stock, dB (higher is better)"),
+        ("accuracy", "prompt accuracy, all attributes"),
+    )
+    for ax, (key, label) in zip(axes, metrics):
+
+        def value(r, key=key):
+            return r[key]["all"] if key == "accuracy" else r[key]
+
+        sweep = sorted((r for r in rows if r["kind"] in ("fewer steps", "stock")), key=lambda r: r["speedup_median"])
+        ax.plot(
+            [r["speedup_median"] for r in sweep],
+            [min(value(r), 60) if key == "psnr_vs_stock" else value(r) for r in sweep],
+            "-",
+            color="tab:gray",
+            alpha=0.6,
+            label="stock, fewer steps",
+        )
+        if key == "frechet_distance":
+            floor = result["real"]["second_real_set"]["frechet_distance"]
+            ax.axhline(floor, color="tab:green", ls=":", lw=1, label="two real sets")
+        for r in rows:
+            marker, colour = MARKERS[r["kind"]]
+            y = min(value(r), 60) if key == "psnr_vs_stock" else value(r)
+            ax.plot(r["speedup_median"], y, marker, color=colour, markersize=8 if r["kind"] != "fewer steps" else 5)
+            if r["kind"] in ("method", "eps reuse"):
+                short = (
+                    r["method"]
+                    .replace("fasterdiff ", "")
+                    .replace("control: reuse whole noise prediction, ", "eps reuse ")
+                )
+                ax.annotate(short, (r["speedup_median"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            elif r["kind"] == "fewer steps":
+                ax.annotate(
+                    str(r["steps"]),
+                    (r["speedup_median"], y),
+                    fontsize=6,
+                    xytext=(2, -8),
+                    textcoords="offset points",
+                    color="tab:gray",
+                )
+        ax.set_xlabel("measured speedup vs stock (this CPU)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    cfg = result["config"]
+    fig.suptitle(
+        f"Speed vs fidelity on the stand-in: {cfg['sampler']}-{cfg['steps']}, {result['pairs']} prompt x seed pairs (grey numbers: stock step counts; PSNR of stock itself capped at 60)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grid(result: dict, path: Path, columns: int = 10) -> None:
+    """One row per method, one column per prompt (digits 0-9, first seed), 4x upscaled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wanted = result["_wanted"]
+    picks, seen = [], set()
+    for j, a in enumerate(wanted):
+        if a.digit not in seen:
+            seen.add(a.digit)
+            picks.append(j)
+        if len(picks) == columns:
+            break
+    # Spread colours and thicknesses over the columns while keeping one digit each.
+    picks = [
+        next(
+            (
+                j
+                for j, a in enumerate(wanted)
+                if a.digit == wanted[p].digit and a.color == k % len(data.COLORS) and a.thickness == k % 3
+            ),
+            p,
+        )
+        for k, p in enumerate(picks)
+    ]
+    names = [
+        r["method"] for r in result["rows"] if r["kind"] != "fewer steps" or any("cost of" in m for m in r["matches"])
+    ]
+    fig, axes = plt.subplots(len(names), 1, figsize=(columns * 0.9 + 3.5, len(names) * 0.95))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        strip = torch.cat([result["_images"][name][j] for j in picks], dim=2)
+        ax.imshow(((strip.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(
+            name.replace("control: ", "").replace("fasterdiff ", ""), rotation=0, ha="right", va="center", fontsize=7
+        )
+    np.atleast_1d(axes)[0].set_title(" | ".join(wanted[j].prompt.removeprefix("a ") for j in picks), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, prefix: Path, command: str) -> list[Path]:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    from .report import environment
+
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    paths = [
+        prefix.with_suffix(".json"),
+        prefix.with_suffix(".md"),
+        Path(f"{prefix}-frontier.png"),
+        Path(f"{prefix}-grid.png"),
+    ]
+    env = environment()
+    paths[0].write_text(json.dumps({**public, "environment": env, "command": command}, indent=1) + "\n")
+    cfg = result["config"]
+    paths[1].write_text(
+        f"# Fidelity on the stand-in: {cfg['sampler']}-{cfg['steps']}\n\n`{command}`\n\n"
+        f"{env['processor']}, {env['torch_threads']} threads, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}.\n\n"
+        f"{result['pairs']} prompt x seed pairs, guidance {cfg['guidance_scale']}, {result['batch_per_call']} images per "
+        "sampling call (speedups are for that batch on this CPU). UNet FLOPs: the whole sampling loop counted by "
+        "torch.utils.flop_counter on two images, relative to stock. Intervals: 95% bootstrap over pairs.\n\n"
+        + markdown_table(result)
+        + "\n"
+    )
+    frontier_plot(result, paths[2])
+    grid(result, paths[3])
+    return paths

@@ -1,0 +1,131 @@
+"""`analyze features` and `benchmark fidelity`: what they record and compute."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from cog_server import ROOT
+from conftest import gen
+
+from fasterdiff import features
+from fasterdiff.bench.fidelity import reuse_noise_prediction
+from fasterdiff.unet import encode, time_embedding
+
+
+def test_recorded_bottleneck_is_the_mid_block_output_of_each_call(pipe):
+    inputs = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args, kwargs: inputs.append((args, kwargs)), with_kwargs=True)
+    try:
+        with features.recording(pipe.unet) as calls:
+            pipe("a cat", num_inference_steps=3, height=64, width=64, generator=gen(0), output_type="latent")
+    finally:
+        handle.remove()
+    names = features.feature_names(pipe.unet)
+    assert len(calls) == 3 and all(len(c) == len(names) for c in calls)
+    b = names.index(next(n for n in names if n.startswith("B")))
+    for (args, kwargs), recorded in zip(inputs, calls):
+        sample, t = args[0], args[1]
+        cond = kwargs["encoder_hidden_states"]
+        emb = time_embedding(pipe.unet, t.expand(sample.shape[0]), sample.dtype)
+        with torch.no_grad():
+            mid = encode(pipe.unet, sample, emb, cond).mid
+        torch.testing.assert_close(recorded[b], mid)
+    # Every feature has the spatial size its name says, and the channels of its block.
+    for name, tensor in zip(names, recorded):
+        assert f"({tensor.shape[-1]}px)" in name, (name, tuple(tensor.shape))
+    # The last decoder feature is what the output head reads.
+    heads = []
+    hook = pipe.unet.conv_norm_out.register_forward_pre_hook(lambda _m, args: heads.append(args[0]))
+    try:
+        with features.recording(pipe.unet) as calls:
+            pipe("a cat", num_inference_steps=2, height=64, width=64, generator=gen(0), output_type="latent")
+    finally:
+        hook.remove()
+    for head, recorded in zip(heads, calls):
+        torch.testing.assert_close(recorded[-1], head)
+
+
+def test_changes_are_relative_and_mse():
+    f0 = [torch.ones(1, 2, 4, 4), torch.full((1, 2, 2, 2), 3.0)]
+    f1 = [2 * f0[0], f0[1]]
+    assert features.change(f0, f1) == ([1.0, 0.0], [1.0, 0.0])
+    f2 = [f1[0], torch.zeros(1, 2, 2, 2)]
+    assert features.change(f1, f2) == ([0.0, 1.0], [0.0, 9.0])
+
+
+def test_reusing_the_noise_prediction_runs_the_unet_only_at_key_steps(pipe):
+    kw = dict(num_inference_steps=6, height=64, width=64, output_type="np")
+    plain = pipe("a cat", generator=gen(1), **kw).images
+    with reuse_noise_prediction(pipe.unet, set(range(6))):
+        same = pipe("a cat", generator=gen(1), **kw).images
+    assert (plain == same).all()
+    seen = []  # the timestep of every real UNet pass
+    spy = pipe.unet.time_proj.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0][0])))
+    try:
+        with reuse_noise_prediction(pipe.unet, {0, 3}):
+            reused = pipe("a cat", generator=gen(1), **kw).images
+    finally:
+        spy.remove()
+    # The UNet ran exactly at steps 0 and 3 (0-based), at their timesteps.
+    assert seen == [int(pipe.scheduler.timesteps[0]), int(pipe.scheduler.timesteps[3])]
+    assert not (reused == plain).all()
+    assert "forward" not in vars(pipe.unet)  # patch removed
+
+
+def test_analyze_features_cli_writes_plot_table_and_json(weights, tmp_path):
+    prefix = tmp_path / "feat"
+    result = subprocess.run(
+        [sys.executable, "-m", "fasterdiff", "analyze", "features", "--weights", str(weights), "--steps", "4",
+         "--prompt", "a cat", "--prompt", "a dog", "--out", str(prefix)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    assert len(data["relative"]) == 3 and len(data["relative"][0]) == len(data["features"])
+    assert prefix.with_suffix(".png").stat().st_size > 0 and "decoder / encoder" in prefix.with_suffix(".md").read_text()
+
+
+def test_fidelity_benchmark_quick_run(tmp_path):
+    from fasterdiff.bench import fidelity, fidelity_report
+
+    cfg = fidelity.Config(steps=6, seeds=2, prompts=3)
+    result = fidelity.run(cfg)
+    rows = {r["method"]: r for r in result["rows"]}
+    images = result["_images"]
+    assert result["pairs"] == 6 and result["batch_per_call"] == 3
+    stock = rows["stock diffusers"]
+    assert stock["encoder_calls"] == 6 and stock["decoder_steps"] == 6 and stock["unet_cost"] == 1.0
+    # Sequential and parallel decoding make the same images; the paper's key steps for 6 are 0-3.
+    seq, par = "fasterdiff paper, sequential", "fasterdiff paper, parallel"
+    assert (images[seq] - images[par]).abs().max() < 1e-3
+    assert rows[seq]["encoder_calls"] == 4 and rows[seq]["decoder_steps"] == 6 and rows[par]["decoder_steps"] == 6
+    assert 0.5 < rows[seq]["unet_cost"] < 1.0 and rows[seq]["unet_cost"] == pytest.approx(rows[par]["unet_cost"], rel=1e-6)
+    reuse = rows["control: reuse whole noise prediction, paper key steps"]
+    assert reuse["encoder_calls"] == 4 and reuse["decoder_steps"] == 4
+    assert reuse["unet_cost"] == pytest.approx(4 / 6, rel=1e-3)  # FLOPs scale with UNet passes
+    fewer = [r for r in result["rows"] if r["kind"] == "fewer steps"]
+    assert fewer and all(r["encoder_calls"] == r["steps"] and r["unet_cost"] == pytest.approx(r["steps"] / 6, rel=1e-3) for r in fewer)
+    # Every method's cost has a fewer-steps control at round(6 * cost) steps (when below 6).
+    for r in result["rows"]:
+        if r["kind"] in ("method", "eps reuse") and round(6 * r["unet_cost"]) < 6:
+            assert any(r["method"] in f["matches"] for f in fewer if f["steps"] == round(6 * r["unet_cost"])), r["method"]
+    # Stock against itself, and the metrics against an independent computation.
+    assert stock["psnr_vs_stock"] == 100.0 and stock["ssim_vs_stock"] == pytest.approx(1.0, abs=1e-6)
+    other = images["control: stock, 3 steps"]
+    mse = ((other - images["stock diffusers"]) / 2).pow(2).flatten(1).mean(1)
+    assert rows["control: stock, 3 steps"]["psnr_vs_stock"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
+    assert result["real"]["reference"]["distinct_digits"] == 6
+    paths = fidelity_report.write(result, tmp_path / "fid", command="test")
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "| stock diffusers | 6 | 6 / 6 | 1.00 |" in paths[1].read_text()
+
+
+def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "fasterdiff", "benchmark", "fidelity", "--sampler", "PNDM"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sampler" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "fasterdiff", "benchmark", "fidelity", "--standin", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "python -m fasterdiff.standin.train" in missing.stderr

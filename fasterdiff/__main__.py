@@ -12,8 +12,10 @@ from .service import BOUNDS, KEY_STEP_MODES, OUTPUT_FORMATS, Request
 
 
 def _bounded(name: str, kind=int):
-    low, high = BOUNDS[name]
+    return _in_range(*BOUNDS[name], kind)
 
+
+def _in_range(low, high, kind=int):
     def parse(text: str):
         try:
             value = kind(text)
@@ -114,25 +116,12 @@ def _add_fidelity(bsub) -> None:
         "(fewer steps at equal cost, whole noise-prediction reuse) on the stand-in model (standin/).",
     )
     f.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="deterministic samplers only (default: DDIM)")
-    f.add_argument("--steps", type=_positive(2, 100), default=50, help="2-100 (default: 50)")
-    f.add_argument("--seeds", type=_positive(1, 20), default=3, help="seeds per prompt, 180 prompts (default: 3)")
-    f.add_argument("--prompts", type=_positive(1, 180), default=None, help="only the first N prompts (quick runs)")
+    f.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
+    f.add_argument("--seeds", type=_in_range(1, 20), default=3, help="seeds per prompt, 180 prompts (default: 3)")
+    f.add_argument("--prompts", type=_in_range(1, 180), default=None, help="only the first N prompts (quick runs)")
     f.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
     f.add_argument("--standin", default=None, help="stand-in folder (default: standin/)")
     f.add_argument("--out", help="output path prefix (default: benchmarks/results/fidelity-<sampler>-<steps>)")
-
-
-def _positive(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
-        return value
-
-    return parse
 
 
 def _fidelity(args, argv) -> int:
@@ -146,10 +135,14 @@ def _fidelity(args, argv) -> int:
         guidance_scale=args.guidance_scale,
         **({"standin": args.standin} if args.standin else {}),
     )
-    result = fidelity.run(cfg)
     prefix = args.out or f"benchmarks/results/fidelity-{args.sampler}-{args.steps}"
-    paths = fidelity_report.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
-    print(fidelity_report.markdown_table(result))
+    return _report(fidelity.run(cfg), prefix, argv, fidelity_report.write, fidelity_report.markdown_table)
+
+
+def _report(result: dict, prefix: str, argv, write, table) -> int:
+    """Write a result's files, stamped with the command; print its table and the paths."""
+    paths = write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    print(table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -165,7 +158,7 @@ def _add_analyze(sub) -> None:
     )
     f.add_argument("--weights", default=None, help="SD-format folder (default: the stand-in, standin/pipeline)")
     f.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="deterministic samplers only (default: DDIM)")
-    f.add_argument("--steps", type=_positive(2, 100), default=50, help="2-100 (default: 50)")
+    f.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
     f.add_argument("--prompt", action="append", help="repeatable (default: 8 stand-in prompts)")
     f.add_argument("--guidance-scale", type=float, default=7.5)
     f.add_argument("--out", help="output path prefix (default: benchmarks/results/features-<model>-<sampler>-<steps>)")
@@ -185,10 +178,7 @@ def _analyze(args, argv) -> int:
     result = features.analyze(pipe, prompts, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
     model = "standin" if weights.resolve() == PIPELINE_DIR.resolve() else weights.name
     prefix = args.out or f"benchmarks/results/features-{model}-{args.sampler}-{args.steps}"
-    paths = features.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
-    print(features.markdown_table(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return _report(result, prefix, argv, features.write, features.markdown_table)
 
 
 def _benchmark(args, argv) -> int:
@@ -207,12 +197,8 @@ def _benchmark(args, argv) -> int:
         quick=args.quick,
         max_batch=args.max_batch,
     )
-    result = speed.run(cfg)
     prefix = args.out or f"benchmarks/results/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
-    paths = report.write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
-    print(speed.markdown_table(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return _report(speed.run(cfg), prefix, argv, report.write, speed.markdown_table)
 
 
 def main(argv: list[str] | None = None) -> int:

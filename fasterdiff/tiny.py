@@ -108,7 +108,14 @@ def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> St
         norm_num_groups=4,
         sample_size=64,
     )
-    pipe = StableDiffusionPipeline(
+    pipe = assemble(tokenizer, text_encoder, vae, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assemble(tokenizer, text_encoder, vae, unet) -> StableDiffusionPipeline:
+    """An SD-format pipeline of these components: SD 1.5's DDIM schedule, no safety checker."""
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -118,5 +125,3 @@ def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> St
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -101,3 +102,15 @@ class CogServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
+
+
+@contextlib.contextmanager
+def running(weights: Path):
+    """A server set up on ``weights``, READY, stopped afterwards."""
+    srv = CogServer(weights)
+    try:
+        health = srv.wait_setup()
+        assert health["status"] == "READY", health
+        yield srv
+    finally:
+        srv.stop()

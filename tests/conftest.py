@@ -43,12 +43,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(weights):
     """cog's real HTTP server on predict.py, set up on the tiny weights."""
-    from cog_server import CogServer
+    from cog_server import running
 
-    srv = CogServer(weights)
-    try:
-        health = srv.wait_setup()
-        assert health["status"] == "READY", health
+    with running(weights) as srv:
         yield srv
-    finally:
-        srv.stop()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cog_server import ROOT, CogServer
+from cog_server import ROOT, running
 from PIL import Image
 
 import fasterdiff
@@ -129,13 +129,8 @@ def test_prompts_and_attributes_round_trip():
 
 @pytest.fixture(scope="module")
 def standin_server():
-    srv = CogServer(PIPELINE_DIR)
-    try:
-        health = srv.wait_setup()
-        assert health["status"] == "READY", health
+    with running(PIPELINE_DIR) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("mode", ["off", "non-uniform"])

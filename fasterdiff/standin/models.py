@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..tiny import SD15_SCHEDULER_CONFIG, _byte_level_alphabet
+from ..tiny import _byte_level_alphabet
 from .data import COLORS, IMAGE_SIZE, THICKNESS, vocabulary
 
 
@@ -80,20 +80,6 @@ def unet() -> UNet2DConditionModel:
         cross_attention_dim=64,
         attention_head_dim=4,
     )
-
-
-def pipeline(tok, text, autoencoder, denoiser) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=autoencoder,
-        text_encoder=text,
-        tokenizer=tok,
-        unet=denoiser,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe
 
 
 class Classifier(nn.Module):

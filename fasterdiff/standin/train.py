@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..tiny import SD15_SCHEDULER_CONFIG
+from ..tiny import SD15_SCHEDULER_CONFIG, assemble
 from . import STANDIN_DIR, data, models
 
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     log["minutes"]["total"] = round(sum(log["minutes"].values()), 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    models.pipeline(tok, text, vae, unet).save_pretrained(args.out / "pipeline")
+    assemble(tok, text, vae, unet).save_pretrained(args.out / "pipeline")
     save_file(classifier.state_dict(), str(args.out / "classifier.safetensors"))
     np.savez_compressed(
         args.out / "heldout.npz",

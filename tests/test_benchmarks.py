@@ -117,6 +117,8 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     mse = ((other - images["stock diffusers"]) / 2).pow(2).flatten(1).mean(1)
     assert rows["control: stock, 3 steps"]["psnr_vs_stock"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
     assert result["real"]["reference"]["distinct_digits"] == 6
+    rows_in_grid = fidelity_report.grid_rows(result)
+    assert "stock diffusers" in rows_in_grid and any(f["method"] in rows_in_grid for f in fewer if f["matches"])
     paths = fidelity_report.write(result, tmp_path / "fid", command="test")
     assert all(p.stat().st_size > 0 for p in paths)
     assert "| stock diffusers | 6 | 6 / 6 | 1.00 |" in paths[1].read_text()

@@ -130,6 +130,11 @@ def frontier_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def grid_rows(result: dict) -> list[str]:
+    """Every method and control, except fewer-steps controls that match no method's cost."""
+    return [r["method"] for r in result["rows"] if r["kind"] != "fewer steps" or r["matches"]]
+
+
 def grid(result: dict, path: Path, columns: int = 10) -> None:
     """One row per method, one column per prompt (digits 0-9, first seed), 4x upscaled."""
     import matplotlib
@@ -157,9 +162,7 @@ def grid(result: dict, path: Path, columns: int = 10) -> None:
         )
         for k, p in enumerate(picks)
     ]
-    names = [
-        r["method"] for r in result["rows"] if r["kind"] != "fewer steps" or any("cost of" in m for m in r["matches"])
-    ]
+    names = grid_rows(result)
     fig, axes = plt.subplots(len(names), 1, figsize=(columns * 0.9 + 3.5, len(names) * 0.95))
     for ax, name in zip(np.atleast_1d(axes), names):
         strip = torch.cat([result["_images"][name][j] for j in picks], dim=2)

@@ -85,23 +85,30 @@ def reuse_noise_prediction(unet, key_steps: set[int]):
         del unet.forward
 
 
+def stock_sampler(pipe, cfg: Config, base_config, steps: int):
+    """Stock diffusers sampling of a chunk's inputs with ``steps`` steps (fresh scheduler)."""
+
+    def run(inp):
+        pipe.scheduler = make_scheduler(cfg.sampler, base_config)
+        return pipe(
+            latents=inp["latents"].clone(),
+            prompt_embeds=inp["cond"],
+            negative_prompt_embeds=inp["uncond"],
+            num_inference_steps=steps,
+            guidance_scale=cfg.guidance_scale,
+            output_type="latent",
+        ).images
+
+    return run
+
+
 def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
     n = cfg.steps
     fast = fasterdiff.accelerate(pipe)
     common = dict(guidance_scale=cfg.guidance_scale, output_type="latent")
 
     def stock(steps):
-        def run(inp):
-            pipe.scheduler = make_scheduler(cfg.sampler, base_config)
-            return pipe(
-                latents=inp["latents"].clone(),
-                prompt_embeds=inp["cond"],
-                negative_prompt_embeds=inp["uncond"],
-                num_inference_steps=steps,
-                **common,
-            ).images
-
-        return run
+        return stock_sampler(pipe, cfg, base_config, steps)
 
     def accelerated(**settings):
         def run(inp):
@@ -169,7 +176,7 @@ def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]
     for steps in sorted(wanted):
         if steps >= n:
             continue
-        run = build_methods(pipe, dataclasses.replace(cfg, steps=steps), base_config)[0].run
+        run = stock_sampler(pipe, cfg, base_config, steps)
         methods.append(Method(f"control: stock, {steps} steps", "fewer steps", run, steps=steps, matches=wanted[steps]))
     return methods
 

@@ -1,23 +1,34 @@
-"""``accelerate(pipe)``: a pipeline sharing ``pipe``'s components that samples with
-encoder propagation, parallel decoding and prior noise injection."""
+"""``accelerate(pipe)``: a pipeline sharing ``pipe``'s components whose ``__call__`` is
+diffusers' own, run with a reuse plan carried out on the UNet and prior noise injection
+as a step-end callback.
+
+The accelerated pipeline takes every argument the stock pipeline takes, in the same
+order, plus the settings of :class:`Settings` as keywords (each overrides the
+pipeline's setting for one call) and ``sampler=`` to sample with another scheduler
+for one call. Stable Diffusion 1.5-family and SDXL pipelines are supported.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
 from . import schedule
+from .plan import REUSE_KINDS, ReusePlan, build_plan
+from .reuse import ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
-from .sampling import Conditioning, RunStats, denoise
 from .unet import check_supported
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass(frozen=True)
@@ -25,29 +36,48 @@ class Settings:
     """How to accelerate.
 
     Important:
-      key_steps: "paper" (the paper's non-uniform schedule, recommended), "off" (plain
-        sampling), an int k >= 2 (every k-th step), or a sequence of 0-based steps.
-      parallel: run the decoders of a key step and its non-key steps as one batch
-        (faster; more memory).
+      key_steps: for ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
+        "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
+        steps starting with 0; for ``reuse="deep"``: an int k >= 1 (DeepCache's
+        cache_interval). A :class:`fasterdiff.plan.ReusePlan` is used as it is.
+      reuse: "encoder" (FasterDiffusion: conv_in, down and mid blocks replay at non-key
+        steps) or "deep" (DeepCache: everything below ``branch`` replays).
+      parallel: run a key step and its non-key steps as one batched UNet call (faster,
+        more memory). None = whenever the plan allows it (encoder reuse, not deep).
       noise_injection: alpha of the prior noise injection z <- z + alpha * z_T
         (paper: 0.003; 0 disables).
     To tinker with:
-      max_batch: at most this many images per decoder call in parallel mode (None =
-        a whole group); bounds memory. A call holds at least one step.
+      branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
+      max_batch: at most this many images per batched call (None = a whole group);
+        bounds memory. A call holds at least one step.
       noise_injection_start: inject before steps whose timestep is below this
         (paper: 500 of 1000, i.e. the second half).
     """
 
     key_steps: object = "paper"
-    parallel: bool = True
+    parallel: bool | None = None
     max_batch: int | None = None
     noise_injection: float = 0.003
     noise_injection_start: float = 500
+    reuse: str = "encoder"
+    branch: int = 0
 
     def __post_init__(self):
-        schedule.validate_spec(self.key_steps)
-        if not isinstance(self.parallel, bool):
-            raise ValueError(f"parallel must be True or False, got {self.parallel!r}")
+        if self.reuse not in REUSE_KINDS:
+            raise ValueError(f"reuse must be one of {', '.join(REUSE_KINDS)}, got {self.reuse!r}")
+        if self.reuse == "deep":
+            if isinstance(self.key_steps, bool) or not isinstance(self.key_steps, (int, ReusePlan)):
+                raise ValueError(
+                    f"key_steps must be an int (DeepCache's cache_interval) with reuse='deep', got {self.key_steps!r}"
+                )
+            if self.parallel:
+                raise ValueError("parallel=True is not possible with reuse='deep': its steps read their own latents")
+        elif not isinstance(self.key_steps, ReusePlan):
+            schedule.validate_spec(self.key_steps)
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise ValueError(f"branch must be an int >= 0, got {self.branch!r}")
+        if self.parallel is not None and not isinstance(self.parallel, bool):
+            raise ValueError(f"parallel must be True, False or None, got {self.parallel!r}")
         if self.max_batch is not None and (
             isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1
         ):
@@ -59,12 +89,16 @@ class Settings:
                 f"noise_injection_start must be a timestep in [0, 1000], got {self.noise_injection_start!r}"
             )
 
+    def plan(self, unet, num_steps: int) -> ReusePlan:
+        return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch)
+
     def steps_per_call(self, images: int) -> int | None:
-        if not self.parallel:
-            return 1
         if self.max_batch is None:
             return None
         return max(1, self.max_batch // images)
+
+
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 
 
 def _is_real(x) -> bool:
@@ -78,128 +112,131 @@ class FasterDiffusionOutput(StableDiffusionPipelineOutput):
     stats: RunStats | None = None
 
 
-class FasterDiffusionPipeline(StableDiffusionPipeline):
-    """A StableDiffusionPipeline whose ``__call__`` samples with FasterDiffusion.
+@dataclass
+class FasterDiffusionXLOutput(StableDiffusionXLPipelineOutput):
+    """``StableDiffusionXLPipelineOutput`` plus what the run did."""
 
-    Made by :func:`accelerate`; shares the UNet, VAE, text encoder, tokenizer and
-    safety checker of the pipeline it came from. Every sampler gets a fresh scheduler
-    per call, so nothing carries over between calls.
+    stats: RunStats | None = None
+
+
+class _Accelerated:
+    """``__call__`` = the stock pipeline's, with the plan carried out on the UNet.
+
+    Mixed into a diffusers pipeline class; :func:`accelerate` makes the instances.
     """
 
     settings: Settings
-    base_scheduler_config: dict  # the noise schedule every sampler is built from
+    _executor: ReuseExecutor
+    _output_class: type
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        sampler: str = "DDIM",
-        output_type: str = "pil",
-        eta: float = 0.0,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        return_dict: bool = True,
-        **overrides,
-    ) -> FasterDiffusionOutput:
-        """Generate images; arguments as ``StableDiffusionPipeline.__call__``.
-
-        ``sampler`` is one of :data:`fasterdiff.SAMPLER_NAMES`, built from this
-        pipeline's scheduler config. Keyword arguments named like the fields of
-        :class:`Settings` override this pipeline's settings for one call.
-        """
+    def __call__(self, *args, sampler: str | None = None, **kwargs):
         started = time.perf_counter()
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        settings = dataclasses.replace(self.settings, **overrides) if overrides else self.settings
-        _check_int("num_inference_steps", num_inference_steps, 1, 1000)
-        _check_int("num_images_per_prompt", num_images_per_prompt, 1, 64)
-        if not _is_real(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_sampler(sampler)
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
-        _check_int("height", height, 8, 4096)
-        _check_int("width", width, 8, 4096)
-        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        settings = dataclasses.replace(self.settings, **{k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs})
+        stock_call = super().__call__
+        bound = inspect.signature(stock_call).bind(*args, **kwargs)
+        call_args = {**_defaults(stock_call), **bound.arguments}
+        user_callback = call_args["callback_on_step_end"]
+        user_inputs = list(call_args["callback_on_step_end_tensor_inputs"] or [])
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            user_inputs = list(user_callback.tensor_inputs)
 
-        device = self._execution_device
-        self._guidance_scale = guidance_scale  # read by do_classifier_free_guidance
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        images = batch_size * num_images_per_prompt
+        _check_call(call_args, self.vae_scale_factor)
+        if sampler is not None:
+            check_sampler(sampler)
+        scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
+        plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
+        parallel = plan.batchable if settings.parallel is None else settings.parallel
+        state = _CallState(settings, plan)
 
-        cond_embeds, uncond_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            clip_skip=clip_skip,
-        )
-        if self.do_classifier_free_guidance:
-            cond_embeds = torch.cat([uncond_embeds, cond_embeds])
-        cond = Conditioning(cond_embeds, guidance_scale, cross_attention_kwargs)
+        def timesteps():
+            return self.scheduler.timesteps
 
-        self.scheduler = make_scheduler(sampler, self.base_scheduler_config)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        plan = schedule.resolve(settings.key_steps, len(self.scheduler.timesteps))
-        z_T = self.prepare_latents(
-            images,
-            self.unet.config.in_channels,
-            height,
-            width,
-            cond_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        with self.progress_bar(total=plan.num_steps) as bar:
-            latents, stats = denoise(
-                self.unet,
-                self.scheduler,
-                z_T,
-                plan,
-                cond,
-                step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-                steps_per_call=settings.steps_per_call(images),
-                noise_injection=settings.noise_injection,
-                noise_injection_start=settings.noise_injection_start,
-                on_step=bar.update,
-            )
-        image, nsfw = self._to_output(latents, output_type, generator, device, cond_embeds.dtype)
-        self.maybe_free_model_hooks()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stats.seconds = time.perf_counter() - started
-        if not return_dict:
-            return image, nsfw
-        return FasterDiffusionOutput(images=image, nsfw_content_detected=nsfw, stats=stats)
+        run = Run(plan, parallel, None, timesteps)
 
-    def _to_output(self, latents, output_type, generator, device, dtype):
-        """VAE decode, safety check and post-processing, as StableDiffusionPipeline does."""
-        if output_type == "latent":
-            return latents, None
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        if not torch.isfinite(image).all():
-            raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
-        image, nsfw = self.run_safety_checker(image, device, dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw
+        def on_step_end(pipe, i, t, tensors):
+            outputs = {}
+            if user_callback is not None:
+                outputs = user_callback(pipe, i, t, {k: tensors[k] for k in user_inputs}) or {}
+            latents = outputs.get("latents", tensors["latents"])
+            upcoming = timesteps()
+            if i + 1 < len(upcoming):
+                latents = state.inject(latents, upcoming[i + 1])
+            elif not torch.isfinite(latents).all():
+                raise FloatingPointError(
+                    "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
+                    "or a lower guidance_scale)"
+                )
+            run.stats.denoise_seconds = time.perf_counter() - started
+            return {**outputs, "latents": latents}
+
+        kwargs = dict(bound.arguments)
+        kwargs.pop("self", None)
+        kwargs["callback_on_step_end"] = on_step_end
+        kwargs["callback_on_step_end_tensor_inputs"] = sorted(set(user_inputs) | {"latents"})
+        real_unet, real_scheduler = self.unet, self.scheduler
+        self.__dict__["unet"] = UNetView(real_unet, self._executor)  # not __setattr__: the config stays
+        self.__dict__["scheduler"] = scheduler
+        self._fasterdiff_state = state
+        state.run = run
+        try:
+            with self._executor.running(real_unet, run):
+                out = stock_call(**kwargs)
+        finally:
+            self.__dict__["unet"], self.__dict__["scheduler"] = real_unet, real_scheduler
+            self._fasterdiff_state = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        run.stats.seconds = time.perf_counter() - started
+        if not call_args["return_dict"]:
+            return out
+        return self._output_class(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, stats=run.stats)
+
+    def prepare_latents(self, batch_size, *args, **kwargs):
+        """Stock ``prepare_latents``; keeps z_T and injects it before step 0 if due."""
+        latents = super().prepare_latents(batch_size, *args, **kwargs)
+        state = getattr(self, "_fasterdiff_state", None)
+        if state is None:
+            return latents
+        state.start(latents, batch_size)
+        return state.inject(latents, self.scheduler.timesteps[0])
+
+
+class _CallState:
+    """Noise injection and batch sizing for one call."""
+
+    def __init__(self, settings: Settings, plan: ReusePlan):
+        self.settings, self.plan = settings, plan
+        self.z_T: torch.Tensor | None = None
+        self.run: Run | None = None
+
+    def start(self, z_T: torch.Tensor, images: int) -> None:
+        self.z_T = z_T
+        self.run.steps_per_call = self.settings.steps_per_call(images)
+
+    def inject(self, latents: torch.Tensor, t) -> torch.Tensor:
+        s = self.settings
+        if s.noise_injection > 0 and self.z_T is not None and t < s.noise_injection_start:
+            return latents + s.noise_injection * self.z_T
+        return latents
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _check_call(a: dict, size_multiple: int) -> None:
+    """The checks stock leaves to a crash deep inside, as ValueErrors naming the argument."""
+    if a.get("timesteps") is None and a.get("sigmas") is None:
+        _check_int("num_inference_steps", a["num_inference_steps"], 1, 1000)
+    _check_int("num_images_per_prompt", a["num_images_per_prompt"], 1, 64)
+    for name in ("height", "width"):
+        if a.get(name) is not None:
+            _check_int(name, a[name], 8, 4096)
+            if a[name] % size_multiple:
+                raise ValueError(f"{name} must be a multiple of {size_multiple} (the VAE's scale factor), got {a[name]}")
+    if not _is_real(a["guidance_scale"]) or a["guidance_scale"] < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {a['guidance_scale']!r}")
+    if a["output_type"] not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {a['output_type']!r}")
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:
@@ -207,24 +244,75 @@ def _check_int(name: str, value, low: int, high: int) -> None:
         raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
 
+def _defaults(fn) -> dict:
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _evaluations(scheduler, call_args: dict) -> int:
+    """How many UNet evaluations the stock loop will make (PNDM: one more than steps)."""
+    probe = copy.deepcopy(scheduler)
+    timesteps, _ = retrieve_timesteps(
+        probe, call_args["num_inference_steps"], "cpu", call_args.get("timesteps"), call_args.get("sigmas")
+    )
+    return len(timesteps)
+
+
+class FasterDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
+    """A StableDiffusionPipeline that samples with a reuse plan; made by :func:`accelerate`."""
+
+    _output_class = FasterDiffusionOutput
+
+    def run_safety_checker(self, image, device, dtype):
+        if not torch.isfinite(image).all():
+            raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
+        return super().run_safety_checker(image, device, dtype)
+
+
+class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):
+    """A StableDiffusionXLPipeline that samples with a reuse plan; made by :func:`accelerate`."""
+
+    _output_class = FasterDiffusionXLOutput
+
+
 def accelerate(
-    pipe: StableDiffusionPipeline,
+    pipe,
     key_steps="paper",
-    parallel: bool = True,
+    parallel: bool | None = None,
     max_batch: int | None = None,
     noise_injection: float = 0.003,
     noise_injection_start: float = 500,
-) -> FasterDiffusionPipeline:
-    """A FasterDiffusion pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
+    reuse: str = "encoder",
+    branch: int = 0,
+):
+    """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
-    See :class:`Settings` for the arguments. ``pipe`` keeps giving stock output.
+    See :class:`Settings` for the arguments. The new pipeline gets its own copy of
+    ``pipe``'s scheduler; set ``fast.scheduler`` to sample with another one, or pass
+    ``sampler=`` (one of :data:`fasterdiff.SAMPLER_NAMES`) to a call.
     """
-    settings = Settings(key_steps, parallel, max_batch, noise_injection, noise_injection_start)
+    settings = Settings(key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch)
     check_supported(pipe.unet)
-    components = dict(pipe.components)
-    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    fast = FasterDiffusionPipeline(**components, requires_safety_checker=pipe.config.requires_safety_checker)
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        cls = FasterDiffusionXLPipeline
+    elif isinstance(pipe, StableDiffusionPipeline):
+        cls = FasterDiffusionPipeline
+    else:
+        raise ValueError(
+            f"accelerate() takes a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
+        )
+    init = inspect.signature(cls.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in init}
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    options = {k: v for k, v in pipe.config.items() if k in init and k not in components}
+    if "add_watermarker" in init:
+        options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
+    fast = cls(**components, **options)
     fast.settings = settings
-    fast.base_scheduler_config = pipe.scheduler.config
+    fast._executor = ReuseExecutor()
+    fast._fasterdiff_state = None
     fast.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return fast

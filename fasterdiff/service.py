@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
-from .sampling import RunStats, is_out_of_memory
+from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list, resolve
 
 KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")

@@ -1,139 +1,86 @@
-"""The encoder / decoder split of diffusers' ``UNet2DConditionModel``.
+"""Which modules of a diffusers UNet a reuse plan can cache: the one place that knows
+the UNet's structure.
 
-``eps = decode(unet, encode(unet, z_t, emb, c), emb', c)`` computes what
-``unet(z_t, t, c)`` computes when ``emb' == emb``. The encoder is ``conv_in`` +
-``down_blocks`` + ``mid_block`` (the paper's E and B); the decoder is ``up_blocks`` +
-the output head. Both use the UNet's own submodules, so weights, attention
-processors, LoRA and ToMe patches all apply unchanged. The time embedding is
-computed separately, per sample, so one decoder call can serve several timesteps.
+Modules are named as ``unet.named_modules()`` names them (``"conv_in"``,
+``"down_blocks.1"``, ``"up_blocks.3.resnets.0"``), so a plan is plain data.
+
+- The *encoder* (FasterDiffusion's E and B): ``conv_in``, every down block and the
+  mid block. Replaying all of them means a step reads no latent of its own.
+- The *deep* branch (DeepCache): everything below branch ``b`` of the skip
+  connections; only the shallow path down to ``b`` and its matching up path run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from diffusers import UNet2DConditionModel
+
+# DeepCache numbers its branches block * 3 + layer (SD 1.5 has three layers per up block).
+LAYERS_PER_BRANCH_BLOCK = 3
 
 
-@dataclass
-class EncoderFeatures:
-    """What the decoder needs from an encoder pass.
-
-    ``skips`` are the skip connections in the order the UNet produces them
-    (``conv_in`` output first, then every down-block residual); ``mid`` is the
-    mid-block output.
-    """
-
-    skips: tuple[torch.Tensor, ...]
-    mid: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.mid.shape[0]
-
-    def repeat(self, times: int) -> EncoderFeatures:
-        """The same features for ``times`` timesteps, stacked along the batch."""
-        if times == 1:
-            return self
-        return EncoderFeatures(
-            skips=tuple(s.repeat(times, 1, 1, 1) for s in self.skips),
-            mid=self.mid.repeat(times, 1, 1, 1),
-        )
-
-
-def check_supported(unet: UNet2DConditionModel) -> None:
-    """Raise ValueError for UNet features outside the SD 1.5 family."""
-    cfg = unet.config
-    unsupported = {
-        "class_embed_type": cfg.class_embed_type,
-        "addition_embed_type": cfg.addition_embed_type,
-        "encoder_hid_dim_type": cfg.encoder_hid_dim_type,
-        "time_cond_proj_dim": cfg.time_cond_proj_dim,
-    }
-    found = {k: v for k, v in unsupported.items() if v is not None}
-    if found or unet.mid_block is None:
+def check_supported(unet) -> None:
+    """Raise ValueError unless ``unet`` has the UNet2DConditionModel layout plans address."""
+    missing = [name for name in ("conv_in", "down_blocks", "up_blocks") if getattr(unet, name, None) is None]
+    if missing:
         raise ValueError(
-            "fasterdiff supports SD 1.5-family UNets (no class/addition embeddings, "
-            f"a mid block); this UNet has {found or 'no mid block'}"
+            f"fasterdiff needs a UNet2DConditionModel-style UNet (conv_in, down_blocks, up_blocks); "
+            f"{type(unet).__name__} has no {', '.join(missing)}"
         )
 
 
-def time_embedding(unet: UNet2DConditionModel, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample time embedding for a 1-D tensor of timesteps."""
-    # get_time_embed reads only the batch size, dtype and device of `sample`.
-    probe = torch.empty(len(timesteps), dtype=dtype, device=timesteps.device)
-    t_emb = unet.get_time_embed(sample=probe, timestep=timesteps)
-    emb = unet.time_embedding(t_emb, None)
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    return emb
+def encoder_modules(unet) -> tuple[str, ...]:
+    """``conv_in``, the down blocks and the mid block (if any), in execution order."""
+    names = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    if unet.mid_block is not None:
+        names.append("mid_block")
+    return tuple(names)
 
 
-def encode(
-    unet: UNet2DConditionModel,
-    sample: torch.Tensor,
-    emb: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    cross_attention_kwargs: dict | None = None,
-) -> EncoderFeatures:
-    """``conv_in``, the down blocks and the mid block on ``sample``."""
-    if hasattr(unet, "_tome_info"):
-        # ToMe (tomesd) reads the latent size from a hook on unet.forward, which the
-        # split never calls; record it as that hook would (decode sees the same size).
-        unet._tome_info["size"] = tuple(sample.shape[-2:])
-    if unet.config.center_input_sample:
-        sample = 2 * sample - 1.0
-    h = unet.conv_in(sample)
-    skips = (h,)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, res = block(
-                hidden_states=h,
-                temb=emb,
-                encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs,
-            )
-        else:
-            h, res = block(hidden_states=h, temb=emb)
-        skips += res
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        h = unet.mid_block(
-            h, emb, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs
-        )
-    else:
-        h = unet.mid_block(h, emb)
-    return EncoderFeatures(skips=skips, mid=h)
+def deep_modules(unet, branch: int) -> tuple[str, ...]:
+    """What DeepCache replays at its cached steps with ``cache_branch_id=branch``.
 
-
-def decode(
-    unet: UNet2DConditionModel,
-    features: EncoderFeatures,
-    emb: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    cross_attention_kwargs: dict | None = None,
-) -> torch.Tensor:
-    """The up blocks and the output head on cached (or fresh) encoder features."""
-    # Odd latent sizes need explicit upsample sizes, as in UNet2DConditionModel.forward.
-    factor = 2**unet.num_upsamplers
-    explicit_sizes = any(d % factor for d in features.skips[0].shape[-2:])
-    skips = features.skips
-    h = features.mid
+    Branch ``b`` is block ``b // 3``, layer ``b % 3``: down blocks deeper than that
+    block, that block's layers from ``layer`` on (its downsampler too), the mid block,
+    and on the way up the mirror image (the up block of the same depth keeps its last
+    ``layer + 1`` layers). A block replayed whole is named once, not its layers.
+    """
+    max_branch = LAYERS_PER_BRANCH_BLOCK * len(unet.down_blocks) - 1
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= max_branch:
+        raise ValueError(f"branch must be an int in [0, {max_branch}] for this UNet, got {branch!r}")
+    block_id, layer_id = divmod(branch, LAYERS_PER_BRANCH_BLOCK)
+    names: list[str] = []
+    for i, block in enumerate(unet.down_blocks):
+        if i > block_id or (i == block_id and layer_id == 0):
+            names.append(f"down_blocks.{i}")
+        elif i == block_id:
+            n_layers = len(block.resnets)
+            names += [f"down_blocks.{i}.resnets.{j}" for j in range(layer_id, n_layers)]
+            names += [f"down_blocks.{i}.attentions.{j}" for j in range(layer_id, len(getattr(block, "attentions", None) or []))]
+            names += [f"down_blocks.{i}.downsamplers.{j}" for j in range(len(block.downsamplers or []))]
+    if unet.mid_block is not None:
+        names.append("mid_block")
+    depth = len(unet.up_blocks)
     for i, block in enumerate(unet.up_blocks):
-        res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
-        is_last = i == len(unet.up_blocks) - 1
-        upsample_size = skips[-1].shape[2:] if explicit_sizes and not is_last else None
-        if getattr(block, "has_cross_attention", False):
-            h = block(
-                hidden_states=h,
-                temb=emb,
-                res_hidden_states_tuple=res,
-                encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs,
-                upsample_size=upsample_size,
-            )
-        else:
-            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
-    if unet.conv_norm_out is not None:
-        h = unet.conv_act(unet.conv_norm_out(h))
-    return unet.conv_out(h)
+        mirror = depth - 1 - i  # the down block this up block pairs with
+        if mirror > block_id:
+            names.append(f"up_blocks.{i}")
+        elif mirror == block_id:
+            n_layers = len(block.resnets)
+            for j in range(n_layers):
+                if n_layers - 1 - j > layer_id:  # DeepCache counts an up block's layers from its end
+                    names.append(f"up_blocks.{i}.resnets.{j}")
+                    if j < len(getattr(block, "attentions", None) or []):
+                        names.append(f"up_blocks.{i}.attentions.{j}")
+    return tuple(names)
+
+
+def reads_latent(replayed: frozenset[str] | set[str]) -> bool:
+    """Whether a step that replays these modules still reads its own latent."""
+    return "conv_in" not in replayed
+
+
+def get_module(unet, name: str) -> torch.nn.Module:
+    try:
+        return unet.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"this UNet has no module {name!r}") from None

@@ -67,10 +67,12 @@ def test_parallel_equals_sequential(pipe, case):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_encoder_runs_once_per_key_step_and_decoder_once_per_step_or_group(pipe, key_steps, parallel):
     fast = fasterdiff.accelerate(pipe, key_steps=key_steps, parallel=parallel)
-    with count_calls(pipe.unet.down_blocks[0]) as enc, count_calls(pipe.unet.up_blocks[0]) as dec:
+    # probes inside modules: a replayed block's own forward hooks fire on replays too
+    with count_calls(pipe.unet.down_blocks[0].resnets[0]) as enc, count_calls(pipe.unet.up_blocks[0]) as dec:
         result = run(fast, steps=20)
     plan = fasterdiff.schedule.resolve(key_steps, 20)
     assert len(enc) == len(plan.steps) == result.stats.encoder_calls
+    assert enc == [2] * len(plan.steps)  # the encoder sees the key step's guided rows only
     expected_decoder_calls = len(plan.groups) if parallel else 20
     assert len(dec) == expected_decoder_calls == result.stats.decoder_calls
     # CFG doubles the batch; parallel stacks a group's steps in one call
@@ -204,11 +206,18 @@ def test_bad_call_arguments(pipe, kwargs, name):
         fast("a cat", **kwargs)
 
 
-def test_unsupported_unet_is_refused():
-    other = fasterdiff.tiny.tiny_pipeline()
-    other.unet.register_to_config(addition_embed_type="text")
-    with pytest.raises(ValueError, match="addition_embed_type"):
-        fasterdiff.accelerate(other)
+def test_unsupported_pipelines_and_unets_are_refused(pipe):
+    from diffusers import DDIMPipeline, UNet2DModel
+
+    from fasterdiff.unet import check_supported
+
+    unconditional = DDIMPipeline(unet=UNet2DModel(
+        sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4
+    ), scheduler=pipe.scheduler)
+    with pytest.raises(ValueError, match="StableDiffusionPipeline"):
+        fasterdiff.accelerate(unconditional)
+    with pytest.raises(ValueError, match="down_blocks"):
+        check_supported(torch.nn.Conv2d(4, 4, 1))
 
 
 def test_load_pipeline_from_saved_folder(pipe, tmp_path):

@@ -1,0 +1,348 @@
+"""Carry out a reuse plan while diffusers' own ``unet(...)`` runs.
+
+Two pieces, both installed for one pipeline call and removed after it:
+
+- a wrapper on the ``forward`` of every module the plan replays: it computes and
+  keeps the output, or returns the kept one, as the current evaluation asks;
+- a view of the UNet that the pipeline calls instead of the UNet itself. It counts
+  evaluations and, where the plan allows it, answers a key step and the non-key
+  steps after it with ONE batched ``unet(...)`` call: the latent repeated once per
+  step, each copy with its own timestep. Inside that call the replayed modules
+  compute on the key step's rows only and hand every step the same output. The
+  later steps of the group are then answered from that batch without computing:
+  their noise prediction does not depend on their own latent.
+
+Everything that computes goes through the real ``unet(...)``, so forward hooks,
+``torch.compile``, model offloading and adapters on the UNet see every evaluation
+that does any work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+
+from . import unet as unet_layout
+from .plan import ReusePlan
+
+log = logging.getLogger("fasterdiff")
+
+
+@dataclass
+class RunStats:
+    """What one sampling run did."""
+
+    num_steps: int  # UNet evaluations the plan covers (PNDM: num_inference_steps + 1)
+    key_steps: tuple[int, ...]
+    encoder_calls: int = 0  # key steps computed (every module of the UNet ran)
+    decoder_calls: int = 0  # unet(...) calls that computed something
+    decoder_steps_per_call: list[int] = field(default_factory=list)
+    out_of_memory_retries: int = 0
+    denoise_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def encoder_calls_saved(self) -> int:
+        return self.num_steps - self.encoder_calls
+
+    def as_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "key_steps": list(self.key_steps),
+            "encoder_calls": self.encoder_calls,
+            "encoder_calls_saved": self.encoder_calls_saved,
+            "decoder_calls": self.decoder_calls,
+            "decoder_steps_per_call": list(self.decoder_steps_per_call),
+            "out_of_memory_retries": self.out_of_memory_retries,
+            "denoise_seconds": round(self.denoise_seconds, 4),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """What the current ``unet(...)`` call is: ``steps`` steps of ``rows`` rows each."""
+
+    replay: frozenset[str]  # modules the call's non-key steps take from the cache
+    steps: int
+    rows: int
+    fresh: bool  # the first ``rows`` rows are a key step: replayed modules compute there
+
+
+@dataclass
+class Run:
+    """The state of one accelerated pipeline call (nothing survives it)."""
+
+    plan: ReusePlan
+    parallel: bool
+    steps_per_call: int | None  # None: a whole group per call
+    timesteps: Callable[[], torch.Tensor]  # the scheduler's, read at the first evaluation
+    stats: RunStats = None
+    next_step: int = 0
+    stash: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
+    cache: dict = field(default_factory=dict)  # module name -> its last computed output
+
+    def __post_init__(self):
+        if self.parallel and not self.plan.batchable:
+            raise ValueError("parallel=True needs a plan whose non-key steps read no latent of their own")
+        self.stats = RunStats(num_steps=self.plan.num_steps, key_steps=self.plan.key_steps)
+
+
+class ReuseExecutor:
+    """Wrappers for one UNet; :meth:`running` activates them for one :class:`Run`.
+
+    The wrapper functions are made once per executor and reinstalled as the same
+    objects each call, so a compiled UNet sees the same code every time.
+    """
+
+    def __init__(self):
+        self.run: Run | None = None
+        self.evaluation: _Evaluation | None = None
+        self._wrappers: dict[tuple[int, str], Callable] = {}
+
+    # -- installing -----------------------------------------------------------------
+
+    def running(self, unet, run: Run) -> _Installed:
+        return _Installed(self, unet, run)
+
+    def _wrapper(self, base, name: str, original: Callable) -> Callable:
+        key = (id(base), name)
+        entry = self._wrappers.get(key)
+        if entry is not None and entry[0] is original:
+            return entry[1]
+
+        # The choice (compute, compute on the key rows, replay) is made here in Python,
+        # outside any compiled graph: under torch.compile each module's own forward is
+        # compiled on its own, so graphs depend on shapes, not on the plan.
+        @torch.compiler.disable(recursive=False)
+        def forward(*args, **kwargs):
+            ev = self.evaluation
+            if ev is None or name not in ev.replay:
+                out = original(*args, **kwargs)
+                if ev is not None and ev.steps == 1:
+                    self._keep(name, out)
+                return out
+            if ev.fresh:
+                args, kwargs = _take_rows((args, kwargs), ev.rows * ev.steps, ev.rows)
+                out = original(*args, **kwargs)
+                self._keep(name, out)
+            else:
+                out = self._kept(name)
+            return _repeat_rows(out, ev.steps)
+
+        self._wrappers[key] = (original, forward)
+        return forward
+
+    @torch.compiler.disable
+    def _keep(self, name: str, out) -> None:
+        self.run.cache[name] = out
+
+    @torch.compiler.disable
+    def _kept(self, name: str):
+        if name not in self.run.cache:
+            raise RuntimeError(f"reuse plan replays {name!r} before any step computed it")
+        return self.run.cache[name]
+
+    # -- the UNet view's call -------------------------------------------------------
+
+    def evaluate(self, unet, args: tuple, kwargs: dict):
+        run = self.run
+        i = run.next_step
+        if i >= run.plan.num_steps:
+            raise RuntimeError(f"the pipeline made more UNet evaluations than the {run.plan.num_steps} planned")
+        sample, timestep = _argument(args, kwargs, 0, "sample"), _argument(args, kwargs, 1, "timestep")
+        return_dict = kwargs.get("return_dict", True)
+        if i in run.stash:
+            expected, eps = run.stash.pop(i)
+            if _same_timestep(expected, timestep) and eps.shape[0] == sample.shape[0]:
+                run.next_step += 1
+                return _as_unet_output(eps, return_dict)
+            log.warning("step %d: the pipeline's timestep differs from the scheduler's; computing it on its own", i)
+            run.stash.clear()
+            run.parallel = False
+        steps = self._steps_for(i, timestep)
+        rows = sample.shape[0]
+        while True:
+            try:
+                eps = self._compute(unet, args, kwargs, i, steps, rows)
+                break
+            except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+                if steps == 1 or not is_out_of_memory(err):
+                    raise
+            # retried outside the except block, once the failed attempt's tensors are freed
+            run.stats.out_of_memory_retries += 1
+            log.warning("a batch of %d steps ran out of memory; retrying with %d", steps, steps // 2)
+            steps //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        chunks = eps.chunk(steps) if steps > 1 else (eps,)
+        timesteps = run.timesteps()
+        for j in range(1, steps):
+            run.stash[i + j] = (timesteps[i + j], chunks[j])
+        run.next_step += 1
+        return _as_unet_output(chunks[0], return_dict)
+
+    def _steps_for(self, i: int, timestep) -> int:
+        """How many steps from ``i`` on one call answers."""
+        run = self.run
+        if not run.parallel:
+            return 1
+        timesteps = run.timesteps()
+        if len(timesteps) < run.plan.num_steps or not _same_timestep(timesteps[i], timestep):
+            log.warning("the pipeline's timesteps differ from the scheduler's; decoding steps one by one")
+            run.parallel = False
+            return 1
+        group = next(g for g in run.plan.groups if i in g)
+        steps = group.stop - i
+        return steps if run.steps_per_call is None else min(steps, run.steps_per_call)
+
+    def _compute(self, unet, args, kwargs, i, steps, rows):
+        run = self.run
+        plan = run.plan
+        fresh = not plan.replay[i]
+        replay = plan.replay[i + 1] if fresh and steps > 1 else plan.replay[i]
+        self.evaluation = _Evaluation(replay=replay, steps=steps, rows=rows, fresh=fresh)
+        try:
+            if steps == 1:
+                out = unet(*args, **kwargs)
+            else:
+                per_sample = run.timesteps()[i : i + steps].to(_argument(args, kwargs, 0, "sample").device)
+                args, kwargs = _batched_arguments(args, kwargs, rows, steps, per_sample.repeat_interleave(rows))
+                out = unet(*args, **kwargs)
+        finally:
+            self.evaluation = None
+        run.stats.decoder_calls += 1
+        run.stats.decoder_steps_per_call.append(steps)
+        run.stats.encoder_calls += int(fresh)
+        return out[0] if isinstance(out, tuple) else out.sample
+
+
+class _Installed:
+    """Context manager: wrappers on the plan's modules and ``run`` active, then removed."""
+
+    def __init__(self, executor: ReuseExecutor, unet, run: Run):
+        self.executor, self.run = executor, run
+        self.base = getattr(unet, "_orig_mod", unet)  # under torch.compile's wrapper
+        self.saved: list[tuple[torch.nn.Module, object]] = []
+
+    def __enter__(self):
+        ex = self.executor
+        try:
+            for name in sorted(self.run.plan.cached_modules):
+                module = unet_layout.get_module(self.base, name)
+                had_own = "forward" in module.__dict__
+                original = module.forward
+                self.saved.append((module, original if had_own else None))
+                module.forward = ex._wrapper(self.base, name, original)
+        except BaseException:
+            self._restore()
+            raise
+        ex.run = self.run
+        return self.run
+
+    def __exit__(self, *exc):
+        ex = self.executor
+        ex.run = None
+        ex.evaluation = None
+        self.run.stash.clear()
+        self.run.cache.clear()  # cached features never outlive a call
+        self._restore()
+        return False
+
+    def _restore(self):
+        for module, own in reversed(self.saved):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self.saved.clear()
+
+
+class UNetView:
+    """What the accelerated pipeline calls as ``self.unet`` during a run.
+
+    Attribute reads go to the UNet; calls go through the executor, which calls the
+    UNet (or answers from a batch it already computed).
+    """
+
+    def __init__(self, unet, executor: ReuseExecutor):
+        object.__setattr__(self, "_unet", unet)
+        object.__setattr__(self, "_executor", executor)
+
+    def __getattr__(self, name):
+        return getattr(self._unet, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._executor.evaluate(self._unet, args, kwargs)
+
+
+# -- batch plumbing --------------------------------------------------------------------
+
+
+def _argument(args, kwargs, position: int, name: str):
+    return args[position] if len(args) > position else kwargs[name]
+
+
+def _same_timestep(a, b) -> bool:
+    return float(torch.as_tensor(a).flatten()[0]) == float(torch.as_tensor(b).flatten()[0])
+
+
+def _as_unet_output(eps: torch.Tensor, return_dict: bool):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=eps) if return_dict else (eps,)
+
+
+def _map_tensors(obj, fn):
+    """Apply ``fn`` to every tensor in nested tuples, lists, dicts and model outputs."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, BaseOutput) and is_dataclass(obj):
+        return type(obj)(**{f.name: _map_tensors(getattr(obj, f.name), fn) for f in fields(obj)})
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+@torch.compiler.disable
+def _take_rows(obj, total: int, rows: int):
+    """The first ``rows`` rows of every per-sample tensor (batch dimension ``total``)."""
+    return _map_tensors(obj, lambda t: t[:rows] if t.dim() and t.shape[0] == total else t)
+
+
+@torch.compiler.disable
+def _repeat_rows(obj, times: int):
+    if times == 1:
+        return obj
+    return _map_tensors(obj, lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t)
+
+
+def _batched_arguments(args, kwargs, rows: int, steps: int, timesteps: torch.Tensor):
+    """The UNet's arguments for ``steps`` copies of the call, each with its own timestep."""
+
+    def tile(t):
+        return t.repeat(steps, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == rows else t
+
+    args, kwargs = list(args), dict(kwargs)
+    if len(args) > 1:
+        args[1] = timesteps
+    else:
+        kwargs["timestep"] = timesteps
+    batched_args = [a if i == 1 else _map_tensors(a, tile) for i, a in enumerate(args)]
+    batched_kwargs = {k: v if k in ("timestep", "return_dict") else _map_tensors(v, tile) for k, v in kwargs.items()}
+    return tuple(batched_args), batched_kwargs

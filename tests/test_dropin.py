@@ -1,0 +1,256 @@
+"""The accelerated pipeline as a drop-in for diffusers: stock's own __call__ runs, every
+argument stock takes works, every computing UNet evaluation goes through ``pipe.unet``,
+and the pipeline is left exactly as it was."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+
+import fasterdiff
+from fasterdiff.tiny import tiny_pipeline, tiny_xl_pipeline
+
+SIZE = dict(height=64, width=64)
+
+
+def np_images(p, steps=6, seed=0, **kw):
+    return p("a cat", num_inference_steps=steps, generator=gen(seed), output_type="np", **SIZE, **kw).images
+
+
+def instance_forwards(module):
+    """Modules whose ``forward`` is overridden on the instance (what a wrapper leaves behind)."""
+    return [name for name, m in module.named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_hook_on_pipe_unet_sees_every_computing_evaluation(pipe, parallel):
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        result = fasterdiff.accelerate(pipe, key_steps="paper")(
+            "a cat", num_inference_steps=20, generator=gen(), output_type="np", parallel=parallel, **SIZE
+        )
+    finally:
+        handle.remove()
+    groups = [len(g) for g in fasterdiff.plan.encoder_plan(pipe.unet, "paper", 20).groups]
+    # guided: 2 rows per step; parallel: one call per group holding all of its steps
+    assert batches == ([2 * n for n in groups] if parallel else [2] * 20)
+    assert result.stats.decoder_calls == len(batches)
+
+
+@pytest.mark.parametrize("branch", [0, 2, 4])
+def test_deep_plan_reproduces_deepcache(pipe, branch):
+    from DeepCache import DeepCacheSDHelper
+
+    other = tiny_pipeline()
+    helper = DeepCacheSDHelper(pipe=other)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    try:
+        expected = np_images(other, steps=10)
+    finally:
+        helper.disable()
+    fast = fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", branch=branch, parallel=False, noise_injection=0)
+    result = fast("a cat", num_inference_steps=10, generator=gen(), output_type="np", **SIZE)
+    assert np.abs(result.images - expected).max() <= 1e-4
+    assert result.stats.key_steps == (0, 3, 6, 9) and result.stats.encoder_calls == 4
+    assert np.abs(result.images - np_images(pipe, steps=10)).max() > 1e-3  # it did reuse
+
+
+def test_deep_plan_settings_are_checked(pipe):
+    with pytest.raises(ValueError, match="key_steps"):
+        fasterdiff.accelerate(pipe, key_steps="paper", reuse="deep")
+    with pytest.raises(ValueError, match="parallel"):
+        fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", parallel=True)
+    with pytest.raises(ValueError, match="branch"):
+        fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", branch=99)("a cat", num_inference_steps=3)
+    with pytest.raises(ValueError, match="reuse"):
+        fasterdiff.accelerate(pipe, reuse="everything")
+    # deep's steps read their own latents: sequential by default
+    stats = fasterdiff.accelerate(pipe, key_steps=2, reuse="deep")("a cat", num_inference_steps=6, output_type="latent").stats
+    assert stats.decoder_steps_per_call == [1] * 6
+
+
+def test_lora_scale_reaches_unet_and_text_encoder():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = tiny_pipeline()
+    torch.manual_seed(5)
+    lora.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    text_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    inject_adapter_in_model(text_config, lora.text_encoder)
+    kw = dict(cross_attention_kwargs={"scale": 0.5})
+    expected = np_images(lora, **kw)
+    assert np.abs(expected - np_images(lora)).max() > 1e-3  # the scale matters
+    got = np_images(fasterdiff.accelerate(lora, key_steps="off", noise_injection=0), **kw)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_torch_compile_of_pipe_unet_is_used():
+    from torch._dynamo.testing import CompileCounter
+
+    eager = fasterdiff.accelerate(tiny_pipeline(), key_steps="paper")
+    expected = eager("a cat", num_inference_steps=50, generator=gen(), output_type="np", height=32, width=32).images
+    compiled = tiny_pipeline()
+    probe = compiled.unet.down_blocks[0].resnets[0]
+    counter = CompileCounter()
+    compiled.unet = torch.compile(compiled.unet, backend=counter, dynamic=True)
+    encoder_runs = torch.zeros(())  # a tensor count: no Python state for Dynamo to guard on
+
+    def count(_module, _args):
+        encoder_runs.add_(1)
+
+    probe.register_forward_pre_hook(count)
+    fast = fasterdiff.accelerate(compiled, key_steps="paper")
+    result = fast("a cat", num_inference_steps=50, generator=gen(), output_type="np", height=32, width=32)
+    assert counter.frame_count > 0
+    assert int(encoder_runs) == 9 == result.stats.encoder_calls
+    assert np.abs(result.images - expected).max() <= 1e-3
+    frames = counter.frame_count
+    fast("a cat", num_inference_steps=50, generator=gen(), output_type="np", height=32, width=32)
+    assert counter.frame_count == frames  # the second run compiles nothing new
+
+
+def test_sdxl_off_equals_stock_and_parallel_equals_sequential():
+    xl = tiny_xl_pipeline()
+    expected = np_images(xl, steps=8)
+    off = fasterdiff.accelerate(xl, key_steps="off", noise_injection=0)
+    assert isinstance(off, fasterdiff.FasterDiffusionXLPipeline)
+    assert np.abs(np_images(off, steps=8) - expected).max() <= 1e-5
+    fast = fasterdiff.accelerate(xl, key_steps=3)
+    seq, par = (fast("a cat", num_inference_steps=12, generator=gen(), output_type="np", parallel=p, **SIZE) for p in (False, True))
+    assert np.abs(seq.images - par.images).max() <= 1e-4
+    assert par.stats.decoder_steps_per_call == [3, 3, 3, 3]
+
+
+def test_the_scheduler_set_on_the_pipeline_is_used(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    stock = tiny_pipeline()
+    stock.scheduler = EulerDiscreteScheduler.from_config(stock.scheduler.config)
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    fast.scheduler = EulerDiscreteScheduler.from_config(fast.scheduler.config)
+    assert np.abs(np_images(fast) - np_images(stock)).max() <= 1e-5
+    assert isinstance(fast.scheduler, EulerDiscreteScheduler) and type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_outdated_scheduler_config_gets_stocks_fix_up():
+    """StableDiffusionPipeline.__init__ corrects steps_offset/clip_sample of old DDIM configs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    base = tiny_pipeline()
+    outdated = DDIMScheduler(**{**base.scheduler.config, "steps_offset": 0, "clip_sample": True})
+    with pytest.warns(FutureWarning):
+        stock = StableDiffusionPipeline(**{**base.components, "scheduler": outdated}, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    fast = fasterdiff.accelerate(stock, key_steps="off", noise_injection=0)
+    assert np.abs(np_images(fast) - np_images(stock)).max() <= 1e-5
+
+
+def test_callback_on_step_end_runs_and_its_latents_are_used(pipe):
+    def halve_at_step_2(p, i, t, tensors):
+        seen.append((i, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0.5} if i == 2 else {}
+
+    seen = []
+    expected = np_images(pipe, callback_on_step_end=halve_at_step_2, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    stock_seen, seen = seen, []
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    got = np_images(fast, callback_on_step_end=halve_at_step_2, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert seen == stock_seen == [(i, ["latents", "prompt_embeds"]) for i in range(6)]
+    assert np.abs(got - expected).max() <= 1e-5
+    # the callback's latents are used with noise injection too, in parallel mode
+    par = np_images(fasterdiff.accelerate(pipe, key_steps=3), callback_on_step_end=halve_at_step_2)
+    seq = np_images(fasterdiff.accelerate(pipe, key_steps=3, parallel=False), callback_on_step_end=halve_at_step_2)
+    assert np.abs(par - seq).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(guidance_rescale=0.7),
+        dict(negative_prompt="a dog", num_images_per_prompt=2, eta=0.5),
+        dict(guidance_scale=1.0),
+    ],
+    ids=["guidance_rescale", "negative+images+eta", "no-cfg"],
+)
+def test_stock_arguments_work(pipe, kwargs):
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    assert np.abs(np_images(fast, **kwargs) - np_images(pipe, **kwargs)).max() <= 1e-5
+
+
+def test_custom_timesteps_and_sigmas(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    stock = tiny_pipeline()
+    stock.scheduler = EulerDiscreteScheduler.from_config(stock.scheduler.config)
+    fast = fasterdiff.accelerate(stock, key_steps="off", noise_injection=0)
+    for kw in (dict(timesteps=[999, 800, 500, 300, 100]), dict(sigmas=[14.0, 5.0, 2.0, 1.0, 0.3])):
+        expected = stock("a cat", generator=gen(), output_type="np", **SIZE, **kw).images
+        got = fast("a cat", generator=gen(), output_type="np", **SIZE, **kw)
+        assert np.abs(got.images - expected).max() <= 1e-5
+        assert got.stats.num_steps == len(stock.scheduler.timesteps) == got.stats.decoder_calls
+    # a plan over custom timesteps is resolved against their count
+    fast = fasterdiff.accelerate(stock, key_steps=[0, 2])
+    stats = fast("a cat", timesteps=[999, 800, 500, 300, 100], output_type="latent", **SIZE).stats
+    assert stats.key_steps == (0, 2) and stats.decoder_steps_per_call == [2, 3]
+
+
+def test_positional_arguments_in_stocks_order(pipe):
+    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    # prompt, height, width, num_inference_steps
+    a = fast("a cat", 64, 64, 4, generator=gen(), output_type="np").images
+    b = pipe("a cat", 64, 64, 4, generator=gen(), output_type="np").images
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_lcm_style_unet_with_time_cond_proj_dim():
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    base = tiny_pipeline()
+    config = dict(base.unet.config, time_cond_proj_dim=8)
+    torch.manual_seed(0)
+    lcm = tiny_pipeline(unet=UNet2DConditionModel.from_config(config))
+    lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config)
+    expected = np_images(lcm, steps=4)
+    fast = fasterdiff.accelerate(lcm, key_steps="off", noise_injection=0)
+    assert np.abs(np_images(fast, steps=4) - expected).max() <= 1e-5
+    seq = np_images(fasterdiff.accelerate(lcm, key_steps=2, parallel=False), steps=4)
+    par = np_images(fasterdiff.accelerate(lcm, key_steps=2, parallel=True), steps=4)
+    assert np.abs(seq - par).max() <= 1e-4
+
+
+def test_pipeline_left_exactly_as_it_was_even_when_a_call_raises(pipe):
+    fast = fasterdiff.accelerate(pipe, key_steps=3)
+    unet, scheduler = fast.unet, fast.scheduler
+
+    def boom(p, i, t, tensors):
+        if i == 4:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        np_images(fast, steps=8, callback_on_step_end=boom, sampler="Euler")
+    assert fast.unet is unet is pipe.unet and fast.scheduler is scheduler
+    assert instance_forwards(pipe.unet) == []
+    assert fast._executor.run is None
+    # and the next call works and matches a fresh pipeline's
+    assert np.array_equal(np_images(fast, steps=8), np_images(fasterdiff.accelerate(pipe, key_steps=3), steps=8))
+
+
+def test_plan_as_json_value(pipe):
+    plan = fasterdiff.encoder_plan(pipe.unet, "paper", 20)
+    again = fasterdiff.ReusePlan.from_json(plan.to_json())
+    assert again == plan and again.key_steps == fasterdiff.paper_key_steps(20)
+    by_keys = np_images(fasterdiff.accelerate(pipe, key_steps="paper"), steps=20)
+    by_plan = np_images(fasterdiff.accelerate(pipe, key_steps=again), steps=20)
+    assert np.array_equal(by_keys, by_plan)
+    deep = fasterdiff.deep_plan(pipe.unet, 3, 20)
+    assert not deep.batchable and plan.batchable
+    with pytest.raises(ValueError, match="no module"):
+        bad = fasterdiff.ReusePlan.from_json({**plan.to_json(), "replay": [[]] + [["nope"]] * 19})
+        fasterdiff.accelerate(pipe, key_steps=bad)("a cat", num_inference_steps=20)
+    with pytest.raises(ValueError, match="20 UNet evaluations"):
+        fasterdiff.accelerate(pipe, key_steps=plan)("a cat", num_inference_steps=10)

@@ -25,7 +25,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
 from . import schedule
-from .plan import REUSE_KINDS, ReusePlan, build_plan
+from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
 from .reuse import ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
 from .unet import check_supported
@@ -46,6 +46,10 @@ class Settings:
         more memory). None = whenever the plan allows it (encoder reuse, not deep).
       noise_injection: alpha of the prior noise injection z <- z + alpha * z_T
         (paper: 0.003; 0 disables).
+      forecast: how a non-key step gets a replayed module's output: 0 = the last
+        computed one (the paper), 1 = extrapolated linearly in the timestep through
+        the last two key steps, 2 = quadratically through the last three. Costs no
+        UNet work and keeps parallel decoding; whether it helps depends on the model.
     To tinker with:
       branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
       max_batch: at most this many images per batched call (None = a whole group);
@@ -61,8 +65,11 @@ class Settings:
     noise_injection_start: float = 500
     reuse: str = "encoder"
     branch: int = 0
+    forecast: int = 0
 
     def __post_init__(self):
+        if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
+            raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {self.forecast!r}")
         if self.reuse not in REUSE_KINDS:
             raise ValueError(f"reuse must be one of {', '.join(REUSE_KINDS)}, got {self.reuse!r}")
         if self.reuse == "deep":
@@ -90,7 +97,7 @@ class Settings:
             )
 
     def plan(self, unet, num_steps: int) -> ReusePlan:
-        return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch)
+        return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch, self.forecast)
 
     def steps_per_call(self, images: int) -> int | None:
         if self.max_batch is None:
@@ -287,6 +294,7 @@ def accelerate(
     noise_injection_start: float = 500,
     reuse: str = "encoder",
     branch: int = 0,
+    forecast: int = 0,
 ):
     """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
@@ -294,7 +302,7 @@ def accelerate(
     ``pipe``'s scheduler; set ``fast.scheduler`` to sample with another one, or pass
     ``sampler=`` (one of :data:`fasterdiff.SAMPLER_NAMES`) to a call.
     """
-    settings = Settings(key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch)
+    settings = Settings(key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast)
     check_supported(pipe.unet)
     if isinstance(pipe, StableDiffusionXLPipeline):
         cls = FasterDiffusionXLPipeline

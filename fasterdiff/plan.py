@@ -16,6 +16,7 @@ every cached output. Two constructors cover the methods this package implements:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,17 +27,50 @@ PLAN_FORMAT_VERSION = 1
 REUSE_KINDS = ("encoder", "deep")
 
 
+FORECAST_ORDERS = (0, 1, 2)
+
+
 @dataclass(frozen=True)
 class ReusePlan:
-    """``replay[i]``: the module names evaluation ``i`` takes from the cache."""
+    """``replay[i]``: the module names evaluation ``i`` takes from the cache.
+
+    ``forecast[i]`` (default 0 everywhere): how step ``i`` gets a replayed output from
+    the last computations of that module: 0 = the last one unchanged (the paper), 1 =
+    extrapolated linearly in the timestep through the last two, 2 = quadratically
+    through the last three. ``damping[i]`` (default 1) scales the extrapolation's
+    departure from the last computed output. Where fewer computations exist than an
+    order needs, or two share a timestep, the highest possible order is used.
+    """
 
     replay: tuple[frozenset[str], ...]
+    forecast: tuple[int, ...] = ()
+    damping: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not self.replay:
             raise ValueError("a reuse plan needs at least one step")
         if self.replay[0]:
             raise ValueError("step 0 must compute every module (nothing is cached before it)")
+        n = len(self.replay)
+        if not self.forecast:
+            object.__setattr__(self, "forecast", (0,) * n)
+        if not self.damping:
+            object.__setattr__(self, "damping", (1.0,) * n)
+        if len(self.forecast) != n or any(o not in FORECAST_ORDERS or isinstance(o, bool) for o in self.forecast):
+            raise ValueError(f"forecast: one order in {FORECAST_ORDERS} per step ({n}), got {self.forecast!r}")
+        if len(self.damping) != n or any(not _is_finite_number(d) or d < 0 for d in self.damping):
+            raise ValueError(f"damping: one number >= 0 per step ({n}), got {self.damping!r}")
+
+    def with_forecast(self, order: int, damping: float = 1.0) -> ReusePlan:
+        """The same plan, every step forecasting with ``order`` (and ``damping``)."""
+        if isinstance(order, bool) or order not in FORECAST_ORDERS:
+            raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {order!r}")
+        return ReusePlan(self.replay, (order,) * self.num_steps, (float(damping),) * self.num_steps)
+
+    @property
+    def history(self) -> int:
+        """How many past computations of a module the plan reads (order + 1)."""
+        return 1 + max(o for o, r in zip(self.forecast, self.replay) if r) if self.cached_modules else 1
 
     @property
     def num_steps(self) -> int:
@@ -72,6 +106,8 @@ class ReusePlan:
             "version": PLAN_FORMAT_VERSION,
             "num_steps": self.num_steps,
             "replay": [sorted(r) for r in self.replay],
+            "forecast": list(self.forecast),
+            "damping": list(self.damping),
         }
 
     @classmethod
@@ -85,12 +121,42 @@ class ReusePlan:
             raise ValueError("reuse plan: 'replay' must be a list (one per step) of lists of module names")
         if data.get("num_steps") != len(replay):
             raise ValueError(f"reuse plan: num_steps is {data.get('num_steps')!r} but 'replay' has {len(replay)} steps")
-        return cls(tuple(frozenset(r) for r in replay))
+        return cls(
+            tuple(frozenset(r) for r in replay),
+            tuple(data.get("forecast") or ()),
+            tuple(data.get("damping") or ()),
+        )
 
     def check_modules(self, unet) -> None:
         """ValueError naming a module the plan replays that ``unet`` does not have."""
         for name in sorted(self.cached_modules):
             unet_layout.get_module(unet, name)
+
+
+def _is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def forecast_weights(times: Sequence[float], t: float, order: int, damping: float = 1.0) -> list[float]:
+    """Weights of past outputs (oldest first, at ``times``) that forecast the output at ``t``.
+
+    Lagrange extrapolation through the last ``order + 1`` points; the order drops while
+    there are too few points or the last ones share a timestep. ``damping`` blends the
+    result with the last output: ``last + damping * (forecast - last)``.
+    """
+    n = min(order + 1, len(times))
+    while n > 1 and len({float(x) for x in times[-n:]}) < n:
+        n -= 1
+    weights = [0.0] * len(times)
+    weights[-1] = 1.0 - damping
+    points = [float(x) for x in times[-n:]]
+    for m, tm in enumerate(points):
+        basis = 1.0
+        for q, tq in enumerate(points):
+            if q != m:
+                basis *= (t - tq) / (tm - tq)
+        weights[len(times) - n + m] += damping * basis
+    return weights
 
 
 def _plan_from_keys(num_steps: int, keys: Sequence[int], modules: Sequence[str]) -> ReusePlan:
@@ -113,10 +179,13 @@ def deep_plan(unet, interval: int, num_steps: int, branch: int = 0) -> ReusePlan
     return _plan_from_keys(num_steps, keys, unet_layout.deep_modules(unet, branch))
 
 
-def build_plan(unet, key_steps, num_steps: int, reuse: str = "encoder", branch: int = 0) -> ReusePlan:
+def build_plan(
+    unet, key_steps, num_steps: int, reuse: str = "encoder", branch: int = 0, forecast: int = 0
+) -> ReusePlan:
     """The plan for these settings over ``num_steps`` UNet evaluations.
 
-    ``key_steps`` may also be a :class:`ReusePlan` (used as it is; its step count must match).
+    ``key_steps`` may also be a :class:`ReusePlan` (used as it is, forecasts included;
+    its step count must match).
     """
     if isinstance(key_steps, ReusePlan):
         if key_steps.num_steps != num_steps:
@@ -124,7 +193,7 @@ def build_plan(unet, key_steps, num_steps: int, reuse: str = "encoder", branch: 
         key_steps.check_modules(unet)
         return key_steps
     if reuse == "encoder":
-        return encoder_plan(unet, key_steps, num_steps)
+        return encoder_plan(unet, key_steps, num_steps).with_forecast(forecast)
     if reuse == "deep":
-        return deep_plan(unet, key_steps, num_steps, branch)
+        return deep_plan(unet, key_steps, num_steps, branch).with_forecast(forecast)
     raise ValueError(f"reuse must be one of {', '.join(REUSE_KINDS)}, got {reuse!r}")

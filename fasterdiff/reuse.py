@@ -27,7 +27,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from . import unet as unet_layout
-from .plan import ReusePlan
+from .plan import ReusePlan, forecast_weights
 
 log = logging.getLogger("fasterdiff")
 
@@ -75,6 +75,7 @@ class _Evaluation:
     """What the current ``unet(...)`` call is: ``steps`` steps of ``rows`` rows each."""
 
     replay: frozenset[str]  # modules the call's non-key steps take from the cache
+    first: int  # the call's first step
     steps: int
     rows: int
     fresh: bool  # the first ``rows`` rows are a key step: replayed modules compute there
@@ -91,7 +92,7 @@ class Run:
     stats: RunStats = None
     next_step: int = 0
     stash: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
-    cache: dict = field(default_factory=dict)  # module name -> its last computed output
+    cache: dict = field(default_factory=dict)  # module name -> [(timestep, output)] of its last computations
 
     def __post_init__(self):
         if self.parallel and not self.plan.batchable:
@@ -135,24 +136,40 @@ class ReuseExecutor:
                 return out
             if ev.fresh:
                 args, kwargs = _take_rows((args, kwargs), ev.rows * ev.steps, ev.rows)
-                out = original(*args, **kwargs)
-                self._keep(name, out)
-            else:
-                out = self._kept(name)
-            return _repeat_rows(out, ev.steps)
+                self._keep(name, original(*args, **kwargs))
+            return self._replayed(name, ev)
 
         self._wrappers[key] = (original, forward)
         return forward
 
     @torch.compiler.disable
     def _keep(self, name: str, out) -> None:
-        self.run.cache[name] = out
+        """Record a computation of one step (the call's first) for later replays."""
+        run, ev = self.run, self.evaluation
+        history = run.cache.setdefault(name, [])
+        history.append((float(run.timesteps()[ev.first]), out))
+        del history[: -run.plan.history]
 
     @torch.compiler.disable
-    def _kept(self, name: str):
-        if name not in self.run.cache:
+    def _replayed(self, name: str, ev: _Evaluation):
+        """The module's output for every step of the call, from its kept computations."""
+        run = self.run
+        history = run.cache.get(name)
+        if not history:
             raise RuntimeError(f"reuse plan replays {name!r} before any step computed it")
-        return self.run.cache[name]
+        times = [t for t, _ in history]
+        timesteps = run.timesteps()
+        weights = []
+        for step in range(ev.first, ev.first + ev.steps):
+            if ev.fresh and step == ev.first:  # the key step's own rows: what it just computed
+                weights.append([0.0] * (len(times) - 1) + [1.0])
+            else:
+                order, damping = run.plan.forecast[step], run.plan.damping[step]
+                weights.append(forecast_weights(times, float(timesteps[step]), order, damping))
+        last_only = [0.0] * (len(times) - 1) + [1.0]
+        if all(w == last_only for w in weights):
+            return _repeat_rows(history[-1][1], ev.steps)
+        return _weighted_rows([out for _, out in history], weights)
 
     # -- the UNet view's call -------------------------------------------------------
 
@@ -212,7 +229,7 @@ class ReuseExecutor:
         plan = run.plan
         fresh = not plan.replay[i]
         replay = plan.replay[i + 1] if fresh and steps > 1 else plan.replay[i]
-        self.evaluation = _Evaluation(replay=replay, steps=steps, rows=rows, fresh=fresh)
+        self.evaluation = _Evaluation(replay=replay, first=i, steps=steps, rows=rows, fresh=fresh)
         try:
             if steps == 1:
                 out = unet(*args, **kwargs)
@@ -330,6 +347,36 @@ def _repeat_rows(obj, times: int):
     if times == 1:
         return obj
     return _map_tensors(obj, lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t)
+
+
+def _weighted_rows(outputs: list, weights: list[list[float]]):
+    """Per step ``s``: sum over ``m`` of ``weights[s][m] * outputs[m]``, steps stacked on rows."""
+
+    def combine(*tensors):
+        if not isinstance(tensors[0], torch.Tensor) or not tensors[0].dim():
+            return tensors[-1]
+        rows = []
+        for w in weights:
+            acc = None
+            for wm, tm in zip(w, tensors):
+                if wm:
+                    acc = tm * wm if acc is None else acc + tm * wm
+            rows.append(acc if acc is not None else torch.zeros_like(tensors[-1]))
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    return _zip_map(combine, outputs)
+
+
+def _zip_map(fn, structures: list):
+    """``fn`` over the leaves of equally shaped nested tuples/lists/dicts/model outputs."""
+    first = structures[0]
+    if isinstance(first, BaseOutput) and is_dataclass(first):
+        return type(first)(**{f.name: _zip_map(fn, [getattr(s, f.name) for s in structures]) for f in fields(first)})
+    if isinstance(first, (tuple, list)):
+        return type(first)(_zip_map(fn, [s[i] for s in structures]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _zip_map(fn, [s[k] for s in structures]) for k in first}
+    return fn(*structures)
 
 
 def _batched_arguments(args, kwargs, rows: int, steps: int, timesteps: torch.Tensor):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -25,10 +27,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
 from . import schedule
+from .calibrate import choose, default_plans_file
 from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
 from .reuse import ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
 from .unet import check_supported
+
+
+log = logging.getLogger("fasterdiff")
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,9 @@ class Settings:
     """How to accelerate.
 
     Important:
-      key_steps: for ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
+      key_steps: "auto" (the fastest plan calibrated on this model whose images stay
+        within the tolerance of stock's; see :mod:`fasterdiff.calibrate`); for
+        ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
         "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
         steps starting with 0; for ``reuse="deep"``: an int k >= 1 (DeepCache's
         cache_interval). A :class:`fasterdiff.plan.ReusePlan` is used as it is.
@@ -56,6 +64,8 @@ class Settings:
         bounds memory. A call holds at least one step.
       noise_injection_start: inject before steps whose timestep is below this
         (paper: 500 of 1000, i.e. the second half).
+      plans: the plan file "auto" reads (default: fasterdiff_plans.json beside the
+        weights the pipeline was loaded from).
     """
 
     key_steps: object = "paper"
@@ -66,8 +76,13 @@ class Settings:
     reuse: str = "encoder"
     branch: int = 0
     forecast: int = 0
+    plans: str | None = None  # the plan file "auto" reads
 
     def __post_init__(self):
+        if isinstance(self.key_steps, str) and self.key_steps == "auto":
+            if self.reuse != "encoder" or self.forecast:
+                raise ValueError("key_steps='auto' picks reuse and forecast from the plan file; leave them unset")
+            return
         if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
             raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {self.forecast!r}")
         if self.reuse not in REUSE_KINDS:
@@ -151,6 +166,12 @@ class _Accelerated:
         if sampler is not None:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
+        chosen = ""
+        if isinstance(settings.key_steps, str) and settings.key_steps == "auto":
+            choice = choose(settings.plans, scheduler, call_args["num_inference_steps"], self.unet)
+            settings = dataclasses.replace(settings, key_steps=choice.key_steps, reuse=choice.reuse)
+            chosen = choice.reason
+            log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
         parallel = plan.batchable if settings.parallel is None else settings.parallel
         state = _CallState(settings, plan)
@@ -159,6 +180,7 @@ class _Accelerated:
             return self.scheduler.timesteps
 
         run = Run(plan, parallel, None, timesteps)
+        run.stats.plan = chosen
 
         def on_step_end(pipe, i, t, tensors):
             outputs = {}
@@ -295,6 +317,7 @@ def accelerate(
     reuse: str = "encoder",
     branch: int = 0,
     forecast: int = 0,
+    plans: str | os.PathLike | None = None,
 ):
     """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
@@ -302,7 +325,12 @@ def accelerate(
     ``pipe``'s scheduler; set ``fast.scheduler`` to sample with another one, or pass
     ``sampler=`` (one of :data:`fasterdiff.SAMPLER_NAMES`) to a call.
     """
-    settings = Settings(key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast)
+    if plans is None:
+        plans = default_plans_file(pipe)
+    settings = Settings(
+        key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
+        None if plans is None else str(plans),
+    )
     check_supported(pipe.unet)
     if isinstance(pipe, StableDiffusionXLPipeline):
         cls = FasterDiffusionXLPipeline
@@ -319,6 +347,8 @@ def accelerate(
     if "add_watermarker" in init:
         options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     fast = cls(**components, **options)
+    if pipe.config.get("_name_or_path"):
+        fast.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     fast.settings = settings
     fast._executor = ReuseExecutor()
     fast._fasterdiff_state = None

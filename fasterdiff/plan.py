@@ -179,6 +179,12 @@ def deep_plan(unet, interval: int, num_steps: int, branch: int = 0) -> ReusePlan
     return _plan_from_keys(num_steps, keys, unet_layout.deep_modules(unet, branch))
 
 
+def deep_plan_from_keys(unet, keys, num_steps: int, branch: int = 0) -> ReusePlan:
+    """DeepCache's replayed modules at any key steps (calibrated, not only every k-th)."""
+    keys = schedule.custom_key_steps(num_steps, list(keys))
+    return _plan_from_keys(num_steps, keys, unet_layout.deep_modules(unet, branch))
+
+
 def build_plan(
     unet, key_steps, num_steps: int, reuse: str = "encoder", branch: int = 0, forecast: int = 0
 ) -> ReusePlan:

@@ -44,6 +44,7 @@ class RunStats:
     out_of_memory_retries: int = 0
     denoise_seconds: float = 0.0
     seconds: float = 0.0
+    plan: str = ""  # with key_steps="auto": which plan ran and why
 
     @property
     def encoder_calls_saved(self) -> int:
@@ -60,6 +61,7 @@ class RunStats:
             "out_of_memory_retries": self.out_of_memory_retries,
             "denoise_seconds": round(self.denoise_seconds, 4),
             "seconds": round(self.seconds, 4),
+            "plan": self.plan,
         }
 
 

@@ -46,3 +46,11 @@ def make_scheduler(name: str, config) -> SchedulerMixin:
         # is one of the paper's samplers, so the warning would only be noise per call.
         warnings.filterwarnings("ignore", message=".*dpmsolver.*", category=FutureWarning)
         return cls.from_config(config, **overrides)
+
+
+def sampler_name(scheduler) -> str | None:
+    """The name in :data:`SAMPLERS` a scheduler object is an instance of, if any."""
+    for name, (cls, overrides) in SAMPLERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in overrides.items() if k == "algorithm_type"):
+            return name
+    return None

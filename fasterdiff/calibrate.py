@@ -1,0 +1,269 @@
+"""Calibrate reuse plans on a model: measure candidates against stock sampling, keep
+the frontier, and let ``key_steps="auto"`` pick from it.
+
+Every candidate samples the same calibration prompts from the same noise as stock
+(no noise injection: the comparison is the plan alone); its fidelity is the PSNR of its
+images against stock's, its cost the UNet FLOPs (counted on this model) and the GPU
+time of :mod:`fasterdiff.cost`'s model. Candidates: encoder reuse and DeepCache-style
+deep reuse, each with key steps spaced uniformly or denser towards the start or the
+end of sampling, at several key-step counts, each with forecast order 0, 1 and 2.
+
+The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
+entry per sampler and step count: what it was calibrated on, and every candidate with
+its fidelity and cost, the frontier marked. ``auto`` takes the fastest plan on the
+frontier whose mean PSNR is at least :data:`AUTO_MIN_PSNR`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import cost
+from .plan import ReusePlan, deep_plan_from_keys, encoder_plan
+from .samplers import make_scheduler, sampler_name
+
+log = logging.getLogger("fasterdiff")
+
+PLANS_FILE_NAME = "fasterdiff_plans.json"
+PLANS_FORMAT_VERSION = 1
+# auto: the fastest calibrated plan whose images are at least this close to stock's
+# (mean PSNR over the calibration pairs). 40 dB: differences invisible side by side.
+AUTO_MIN_PSNR = 40.0
+AUTO_FALLBACK = "paper"  # key_steps for a sampler/step count that was not calibrated
+KEY_COUNTS = (5, 7, 10, 13, 17, 25)
+SPACINGS = {"uniform": 1.0, "early": 1.6, "late": 0.6}  # exponent of the key-step spacing
+CALIBRATION_PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
+
+
+def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
+    """``count`` key steps at ``(N - 1) * (j / count) ** exponent``: 1 = uniform, > 1 denser
+    at the start, < 1 denser at the end; always step 0."""
+    keys = {0}
+    for j in range(1, count):
+        keys.add(min(num_steps - 1, round(num_steps * (j / count) ** exponent)))
+    return tuple(sorted(keys))
+
+
+def candidates(unet, num_steps: int) -> list[tuple[str, ReusePlan, str]]:
+    """(name, plan, reuse kind) for every plan calibration measures."""
+    out, seen = [], set()
+    for reuse in ("encoder", "deep"):
+        for count in KEY_COUNTS:
+            if count >= num_steps:
+                continue
+            for spacing, exponent in SPACINGS.items():
+                keys = spaced_keys(num_steps, count, exponent)
+                if (reuse, keys) in seen:
+                    continue
+                seen.add((reuse, keys))
+                if reuse == "encoder":
+                    base = encoder_plan(unet, list(keys), num_steps)
+                else:
+                    base = deep_plan_from_keys(unet, keys, num_steps)
+                for order in (0, 1, 2):
+                    name = f"{reuse} {len(keys)} keys {spacing}, forecast {order}"
+                    out.append((name, base.with_forecast(order), reuse))
+    return out
+
+
+@dataclass
+class Setting:
+    """What a calibration samples."""
+
+    sampler: str
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    prompts: list[str]
+    seeds: list[int]
+    batch: int = 16  # prompt x seed pairs per sampling call
+
+
+def _sample(fast, setting: Setting, **kw) -> torch.Tensor:
+    """Images in [0, 1] of every calibration pair, in order."""
+    images = []
+    pairs = list(zip(setting.prompts, setting.seeds))
+    for start in range(0, len(pairs), setting.batch):
+        chunk = pairs[start : start + setting.batch]
+        out = fast(
+            [p for p, _ in chunk],
+            height=setting.height,
+            width=setting.width,
+            num_inference_steps=setting.steps,
+            guidance_scale=setting.guidance_scale,
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+            output_type="pt",
+            sampler=setting.sampler,
+            **kw,
+        )
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    mse = ((images - reference) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return (10 * torch.log10(1.0 / mse)).numpy()
+
+
+def frontier(rows: list[dict], speed_key: str = "gpu_seconds_1_image") -> list[dict]:
+    """Rows no other row beats on both speed and mean PSNR."""
+    return [
+        r
+        for r in rows
+        if not any(
+            (o[speed_key] <= r[speed_key] and o["psnr_mean"] >= r["psnr_mean"])
+            and (o[speed_key] < r[speed_key] or o["psnr_mean"] > r["psnr_mean"])
+            for o in rows
+        )
+    ]
+
+
+def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) -> dict:
+    """Measure every candidate plan against stock; the plan-file entry for ``setting``."""
+    from .pipeline import accelerate
+
+    stock = accelerate(pipe, key_steps="off", noise_injection=0)
+    stock.set_progress_bar_config(disable=True)
+    reference = _sample(stock, setting)
+    num_steps = len(_scheduler_timesteps(pipe, setting))
+    plans = candidates(pipe.unet, num_steps)
+    flops = _flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
+    rows = []
+    for name, plan, reuse in tqdm(plans, desc="calibrating plans", unit="plan", disable=not progress):
+        images = _sample(stock, setting, key_steps=plan, parallel=plan.batchable)
+        values = psnr(images, reference)
+        rows.append(
+            {
+                "name": name,
+                "reuse": reuse,
+                "key_steps": list(plan.key_steps),
+                "forecast": plan.forecast[-1],
+                "psnr_mean": round(float(np.mean(values)), 3),
+                "psnr_min": round(float(np.min(values)), 3),
+                "unet_flops": round(cost.flops_fraction(plan, flops[frozenset()], flops), 4),
+                "unet_calls": len(cost.unet_calls(plan, plan.batchable)),
+                "gpu_seconds_1_image": round(cost.gpu_seconds(plan, plan.batchable, 1, deep=reuse == "deep"), 4),
+                "gpu_seconds_4_images": round(cost.gpu_seconds(plan, plan.batchable, 4, deep=reuse == "deep"), 4),
+                "plan": plan.to_json(),
+            }
+        )
+    on_frontier = {id(r) for r in frontier(rows)}
+    for r in rows:
+        r["frontier"] = id(r) in on_frontier
+    stock_plan = encoder_plan(pipe.unet, "off", num_steps)
+    return {
+        "sampler": setting.sampler,
+        "steps": setting.steps,
+        "unet_evaluations": num_steps,
+        "calibrated_on": {
+            "weights": weights,
+            "guidance_scale": setting.guidance_scale,
+            "height": setting.height,
+            "width": setting.width,
+            "pairs": len(setting.prompts),
+            "prompts": sorted(set(setting.prompts)),
+            "seeds": sorted(set(setting.seeds)),
+            "date": datetime.date.today().isoformat(),
+            "gpu_model": cost.GPU_MODEL_SOURCE,
+        },
+        "stock": {
+            "gpu_seconds_1_image": round(cost.gpu_seconds(stock_plan, False, 1), 4),
+            "gpu_seconds_4_images": round(cost.gpu_seconds(stock_plan, False, 4), 4),
+        },
+        "auto_min_psnr": AUTO_MIN_PSNR,
+        "plans": sorted(rows, key=lambda r: r["gpu_seconds_1_image"]),
+    }
+
+
+def _scheduler_timesteps(pipe, setting: Setting) -> torch.Tensor:
+    scheduler = make_scheduler(setting.sampler, pipe.scheduler.config)
+    scheduler.set_timesteps(setting.steps)
+    return scheduler.timesteps
+
+
+@torch.no_grad()
+def _flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[frozenset, int]:
+    """FLOPs of one guided UNet evaluation of each kind, at the calibration size."""
+    unet = pipe.unet
+    scale = pipe.vae_scale_factor
+    sample = torch.randn(2, unet.config.in_channels, setting.height // scale, setting.width // scale, dtype=unet.dtype, device=unet.device)
+    text, _ = pipe.encode_prompt(setting.prompts[0], unet.device, 1, False)
+    text = text.repeat(2, 1, 1)
+    return {k: cost.step_flops(unet, k, sample, 500, text) for k in kinds}
+
+
+# -- the plan file and auto -------------------------------------------------------------
+
+
+def entry_key(sampler: str, steps: int) -> str:
+    return f"{sampler}-{steps}"
+
+
+def write_entry(path: str | os.PathLike, entry: dict) -> None:
+    """Add (or replace) ``entry`` in the plan file at ``path``."""
+    path = Path(path)
+    data = read_plans(path) if path.is_file() else {"version": PLANS_FORMAT_VERSION, "entries": {}}
+    data["entries"][entry_key(entry["sampler"], entry["steps"])] = entry
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def read_plans(path: str | os.PathLike) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("version") != PLANS_FORMAT_VERSION or not isinstance(data.get("entries"), dict):
+        raise ValueError(f"{path}: not a fasterdiff plan file of version {PLANS_FORMAT_VERSION}")
+    return data
+
+
+def default_plans_file(pipe) -> Path | None:
+    """``fasterdiff_plans.json`` beside the weights ``pipe`` was loaded from, if any."""
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    if not source or not Path(source).is_dir():
+        return None
+    return Path(source) / PLANS_FILE_NAME
+
+
+@dataclass
+class AutoChoice:
+    key_steps: object  # a ReusePlan, or the fallback's key_steps
+    reuse: str
+    reason: str
+
+
+def choose(plans_file: str | os.PathLike | None, scheduler, num_inference_steps: int, unet) -> AutoChoice:
+    """The plan ``auto`` runs for this scheduler and step count, and why."""
+    name = sampler_name(scheduler)
+    fallback = AutoChoice(AUTO_FALLBACK, "encoder", "")
+    if plans_file is None or not Path(plans_file).is_file():
+        fallback.reason = f"auto: no plan file{f' at {plans_file}' if plans_file else ''}; running the paper's key steps"
+        return fallback
+    entry = read_plans(plans_file)["entries"].get(entry_key(name, num_inference_steps)) if name else None
+    if entry is None:
+        fallback.reason = (
+            f"auto: {plans_file} has no calibration for {name or type(scheduler).__name__} with "
+            f"{num_inference_steps} steps; running the paper's key steps"
+        )
+        return fallback
+    good = [r for r in entry["plans"] if r["frontier"] and r["psnr_mean"] >= entry["auto_min_psnr"]]
+    if not good:
+        return AutoChoice("off", "encoder", f"auto: no calibrated plan reaches {entry['auto_min_psnr']} dB; running stock")
+    best = min(good, key=lambda r: r["gpu_seconds_1_image"])
+    plan = ReusePlan.from_json(best["plan"])
+    plan.check_modules(unet)
+    speedup = entry["stock"]["gpu_seconds_1_image"] / best["gpu_seconds_1_image"]
+    return AutoChoice(
+        plan,
+        best["reuse"],
+        f"auto: '{best['name']}' from {plans_file}: {best['psnr_mean']:.1f} dB against stock in calibration "
+        f"(at least {entry['auto_min_psnr']:.0f}), modelled GPU speedup {speedup:.2f}x",
+    )
+

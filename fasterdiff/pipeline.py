@@ -29,7 +29,7 @@ from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOut
 from . import schedule
 from .calibrate import choose, default_plans_file
 from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
-from .reuse import ReuseExecutor, Run, RunStats, UNetView
+from .reuse import AUTO_CHUNK_SIZES, ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
 from .unet import check_supported
 
@@ -60,8 +60,11 @@ class Settings:
         UNet work and keeps parallel decoding; whether it helps depends on the model.
     To tinker with:
       branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
-      max_batch: at most this many images per batched call (None = a whole group);
-        bounds memory. A call holds at least one step.
+      max_batch: "auto" (default): steps per batched call chosen from 1, 2, 4, 8, 16 so
+        that the peak memory stays within 1.5x stock's and within free CUDA memory
+        (measured on the run's first UNet call); on the CPU 4 steps per call. An int:
+        at most this many images per batched call (a call holds at least one step).
+        None: a whole group per call (fastest, most memory).
       noise_injection_start: inject before steps whose timestep is below this
         (paper: 500 of 1000, i.e. the second half).
       plans: the plan file "auto" reads (default: fasterdiff_plans.json beside the
@@ -70,7 +73,7 @@ class Settings:
 
     key_steps: object = "paper"
     parallel: bool | None = None
-    max_batch: int | None = None
+    max_batch: int | str | None = "auto"
     noise_injection: float = 0.003
     noise_injection_start: float = 500
     reuse: str = "encoder"
@@ -100,10 +103,10 @@ class Settings:
             raise ValueError(f"branch must be an int >= 0, got {self.branch!r}")
         if self.parallel is not None and not isinstance(self.parallel, bool):
             raise ValueError(f"parallel must be True, False or None, got {self.parallel!r}")
-        if self.max_batch is not None and (
+        if self.max_batch not in (None, "auto") and (
             isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1
         ):
-            raise ValueError(f"max_batch must be None or an int >= 1, got {self.max_batch!r}")
+            raise ValueError(f"max_batch must be 'auto', None or an int >= 1, got {self.max_batch!r}")
         if not _is_real(self.noise_injection) or not 0 <= self.noise_injection <= 1:
             raise ValueError(f"noise_injection must be a number in [0, 1], got {self.noise_injection!r}")
         if not _is_real(self.noise_injection_start) or not 0 <= self.noise_injection_start <= 1000:
@@ -114,9 +117,9 @@ class Settings:
     def plan(self, unet, num_steps: int) -> ReusePlan:
         return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch, self.forecast)
 
-    def steps_per_call(self, images: int) -> int | None:
-        if self.max_batch is None:
-            return None
+    def steps_per_call(self, images: int) -> int | str | None:
+        if self.max_batch is None or self.max_batch == "auto":
+            return self.max_batch
         return max(1, self.max_batch // images)
 
 
@@ -179,7 +182,7 @@ class _Accelerated:
         def timesteps():
             return self.scheduler.timesteps
 
-        run = Run(plan, parallel, None, timesteps)
+        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes)
         run.stats.plan = chosen
 
         def on_step_end(pipe, i, t, tensors):
@@ -311,19 +314,25 @@ def accelerate(
     pipe,
     key_steps="paper",
     parallel: bool | None = None,
-    max_batch: int | None = None,
+    max_batch: int | str | None = "auto",
     noise_injection: float = 0.003,
     noise_injection_start: float = 500,
     reuse: str = "encoder",
     branch: int = 0,
     forecast: int = 0,
     plans: str | os.PathLike | None = None,
+    compile: bool | dict = False,
 ):
     """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
     See :class:`Settings` for the arguments. The new pipeline gets its own copy of
     ``pipe``'s scheduler; set ``fast.scheduler`` to sample with another one, or pass
     ``sampler=`` (one of :data:`fasterdiff.SAMPLER_NAMES`) to a call.
+
+    ``compile``: True (or a dict of ``torch.compile`` options) gives the new pipeline
+    its own compiled view of the UNet (``pipe.unet`` stays eager; the weights are
+    shared) and pads batched calls to 2, 4, 8 or 16 steps so that few shapes are
+    compiled. The first calls compile; warm up before timing.
     """
     if plans is None:
         plans = default_plans_file(pipe)
@@ -351,6 +360,11 @@ def accelerate(
         fast.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     fast.settings = settings
     fast._executor = ReuseExecutor()
+    fast._pad_sizes = None
+    if compile:
+        options = compile if isinstance(compile, dict) else {}
+        fast.unet = torch.compile(pipe.unet, **options)
+        fast._pad_sizes = AUTO_CHUNK_SIZES[1:]
     fast._fasterdiff_state = None
     fast.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return fast

@@ -78,7 +78,8 @@ class _Evaluation:
 
     replay: frozenset[str]  # modules the call's non-key steps take from the cache
     first: int  # the call's first step
-    steps: int
+    real: int  # steps the call answers
+    steps: int  # steps in the batch: ``real``, or more when padded to a fixed size
     rows: int
     fresh: bool  # the first ``rows`` rows are a key step: replayed modules compute there
 
@@ -89,8 +90,9 @@ class Run:
 
     plan: ReusePlan
     parallel: bool
-    steps_per_call: int | None  # None: a whole group per call
+    steps_per_call: int | str | None  # None: a whole group per call; "auto": by memory
     timesteps: Callable[[], torch.Tensor]  # the scheduler's, read at the first evaluation
+    pad_sizes: tuple[int, ...] | None = None  # batch only these step counts (compiled UNets)
     stats: RunStats = None
     next_step: int = 0
     stash: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
@@ -112,6 +114,7 @@ class ReuseExecutor:
     def __init__(self):
         self.run: Run | None = None
         self.evaluation: _Evaluation | None = None
+        self.auto_steps: int | None = None  # max_batch="auto", measured on the first call
         self._wrappers: dict[tuple[int, str], Callable] = {}
 
     # -- installing -----------------------------------------------------------------
@@ -162,12 +165,13 @@ class ReuseExecutor:
         times = [t for t, _ in history]
         timesteps = run.timesteps()
         weights = []
-        for step in range(ev.first, ev.first + ev.steps):
+        for step in range(ev.first, ev.first + ev.real):
             if ev.fresh and step == ev.first:  # the key step's own rows: what it just computed
                 weights.append([0.0] * (len(times) - 1) + [1.0])
             else:
                 order, damping = run.plan.forecast[step], run.plan.damping[step]
                 weights.append(forecast_weights(times, float(timesteps[step]), order, damping))
+        weights += [weights[-1]] * (ev.steps - ev.real)  # padding rows: discarded
         last_only = [0.0] * (len(times) - 1) + [1.0]
         if all(w == last_only for w in weights):
             return _repeat_rows(history[-1][1], ev.steps)
@@ -224,6 +228,12 @@ class ReuseExecutor:
             return 1
         group = next(g for g in run.plan.groups if i in g)
         steps = group.stop - i
+        if run.steps_per_call == "auto":
+            if not _memory_known(self):
+                return 1  # the first call runs alone and measures what one step needs
+            run.steps_per_call = self.auto_steps
+        if run.pad_sizes:
+            steps = min(steps, max(run.pad_sizes))
         return steps if run.steps_per_call is None else min(steps, run.steps_per_call)
 
     def _compute(self, unet, args, kwargs, i, steps, rows):
@@ -231,20 +241,64 @@ class ReuseExecutor:
         plan = run.plan
         fresh = not plan.replay[i]
         replay = plan.replay[i + 1] if fresh and steps > 1 else plan.replay[i]
-        self.evaluation = _Evaluation(replay=replay, first=i, steps=steps, rows=rows, fresh=fresh)
+        padded = steps
+        if steps > 1 and run.pad_sizes:
+            padded = min(s for s in run.pad_sizes if s >= steps)
+        self.evaluation = _Evaluation(replay=replay, first=i, real=steps, steps=padded, rows=rows, fresh=fresh)
+        measure = run.steps_per_call == "auto" and torch.cuda.is_available() and i == 0
+        if measure:
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         try:
-            if steps == 1:
+            if padded == 1:
                 out = unet(*args, **kwargs)
             else:
-                per_sample = run.timesteps()[i : i + steps].to(_argument(args, kwargs, 0, "sample").device)
-                args, kwargs = _batched_arguments(args, kwargs, rows, steps, per_sample.repeat_interleave(rows))
+                timesteps = run.timesteps()[i : i + steps]
+                timesteps = torch.cat([timesteps, timesteps[-1:].repeat(padded - steps)])
+                per_sample = timesteps.to(_argument(args, kwargs, 0, "sample").device).repeat_interleave(rows)
+                args, kwargs = _batched_arguments(args, kwargs, rows, padded, per_sample)
                 out = unet(*args, **kwargs)
         finally:
             self.evaluation = None
+        if measure:
+            self.auto_steps = steps_within_memory(before, torch.cuda.max_memory_allocated() - before)
+            log.info("max_batch='auto': %d steps per call", self.auto_steps)
         run.stats.decoder_calls += 1
         run.stats.decoder_steps_per_call.append(steps)
         run.stats.encoder_calls += int(fresh)
-        return out[0] if isinstance(out, tuple) else out.sample
+        eps = out[0] if isinstance(out, tuple) else out.sample
+        return eps[: rows * steps]
+
+
+# max_batch="auto": steps per batched call, from these sizes, so that the peak memory stays
+# within AUTO_PEAK_FACTOR x stock's (and within free CUDA memory); on the CPU a fixed size.
+AUTO_CHUNK_SIZES = (1, 2, 4, 8, 16)
+AUTO_PEAK_FACTOR = 1.5
+CPU_AUTO_STEPS = 4
+
+
+def steps_within_memory(resident: int, per_step: int, free: int | None = None) -> int:
+    """The largest chunk size whose batched call keeps the peak within the bound.
+
+    ``resident``: bytes held before a UNet call (weights, latents); ``per_step``: what one
+    step's call adds at its peak. Stock peaks at ``resident + per_step``; a call of ``m``
+    steps at about ``resident + m * per_step`` (the encoder runs on one step's rows only,
+    so this overestimates).
+    """
+    if free is None and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+    limit = AUTO_PEAK_FACTOR * (resident + per_step) - resident
+    if free is not None:
+        limit = min(limit, free + per_step)
+    fits = [m for m in AUTO_CHUNK_SIZES if m * max(per_step, 1) <= limit]
+    return max(fits, default=1)
+
+
+def _memory_known(executor: ReuseExecutor) -> bool:
+    if not torch.cuda.is_available():
+        executor.auto_steps = CPU_AUTO_STEPS
+        return True
+    return executor.auto_steps is not None
 
 
 class _Installed:
@@ -268,6 +322,7 @@ class _Installed:
             self._restore()
             raise
         ex.run = self.run
+        ex.auto_steps = None  # measured again for this call's size
         return self.run
 
     def __exit__(self, *exc):

@@ -66,7 +66,7 @@ def test_parallel_equals_sequential(pipe, case):
 @pytest.mark.parametrize("key_steps", ["paper", 5, [0, 2, 3, 11], "off"])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_encoder_runs_once_per_key_step_and_decoder_once_per_step_or_group(pipe, key_steps, parallel):
-    fast = fasterdiff.accelerate(pipe, key_steps=key_steps, parallel=parallel)
+    fast = fasterdiff.accelerate(pipe, key_steps=key_steps, parallel=parallel, max_batch=None)
     # probes inside modules: a replayed block's own forward hooks fire on replays too
     with count_calls(pipe.unet.down_blocks[0].resnets[0]) as enc, count_calls(pipe.unet.up_blocks[0]) as dec:
         result = run(fast, steps=20)
@@ -253,3 +253,17 @@ def test_load_pipeline_from_a_folder_of_fp16_files(pipe, tmp_path):
     loaded = fasterdiff.load_pipeline(tmp_path / "sd", local_files_only=True)
     assert loaded.unet.dtype == torch.float32  # fp32 on CPU, whatever the files hold
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+def test_max_batch_auto_bounds_steps_per_call(pipe, monkeypatch):
+    from fasterdiff import reuse
+
+    fast = fasterdiff.accelerate(pipe, key_steps="paper")  # max_batch="auto" by default
+    stats = run(fast, steps=50).stats
+    assert max(stats.decoder_steps_per_call) == reuse.CPU_AUTO_STEPS  # the CPU's fixed size
+    assert sum(stats.decoder_steps_per_call) == 50
+    # the memory rule: the largest size whose batched call stays within 1.5x stock's peak
+    assert reuse.steps_within_memory(resident=1000, per_step=100, free=10**9) == 4  # 1.5*1100-1000=650 -> 4*100
+    assert reuse.steps_within_memory(resident=1000, per_step=10, free=10**9) == 16
+    assert reuse.steps_within_memory(resident=1000, per_step=100, free=150) == 2  # free memory binds
+    assert reuse.steps_within_memory(resident=0, per_step=100, free=10**9) == 1

@@ -27,7 +27,7 @@ def test_a_hook_on_pipe_unet_sees_every_computing_evaluation(pipe, parallel):
     batches = []
     handle = pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
     try:
-        result = fasterdiff.accelerate(pipe, key_steps="paper")(
+        result = fasterdiff.accelerate(pipe, key_steps="paper", max_batch=None)(
             "a cat", num_inference_steps=20, generator=gen(), output_type="np", parallel=parallel, **SIZE
         )
     finally:
@@ -254,3 +254,23 @@ def test_plan_as_json_value(pipe):
         fasterdiff.accelerate(pipe, key_steps=bad)("a cat", num_inference_steps=20)
     with pytest.raises(ValueError, match="20 UNet evaluations"):
         fasterdiff.accelerate(pipe, key_steps=plan)("a cat", num_inference_steps=10)
+
+
+def test_compile_option_pads_batches_so_few_graphs_are_compiled():
+    from torch._dynamo.testing import CompileCounter
+
+    pipe = tiny_pipeline()
+    counter = CompileCounter()
+    fast = fasterdiff.accelerate(pipe, compile={"backend": counter}, max_batch=None)
+    eager = fasterdiff.accelerate(pipe, max_batch=None)
+    kw = dict(num_inference_steps=20, output_type="np", height=32, width=32)
+    frames = []
+    for key_steps in ("paper", 3, 7, [0, 5, 6, 19], "paper"):
+        got = fast("a cat", generator=gen(), key_steps=key_steps, **kw)
+        expected = eager("a cat", generator=gen(), key_steps=key_steps, **kw)
+        assert np.abs(got.images - expected.images).max() <= 1e-3
+        assert got.stats.decoder_steps_per_call == expected.stats.decoder_steps_per_call
+        frames.append(counter.frame_count)
+    # groups of 1..14 steps run as batches of 1, 2, 4, 8 or 16: the graphs stop growing
+    assert frames[-1] == frames[-2] == frames[-3]
+    assert pipe.unet is not fast.unet and fast.unet._orig_mod is pipe.unet

@@ -6,13 +6,14 @@
 #   scripts/gpu_check.sh run OUT_DIR    # there: install .whl/ into /tmp/site, run the check
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(diffusers==0.42.1 transformers==5.24.0 huggingface-hub==1.1.4 safetensors==0.8.0 tokenizers==0.22.1
-        DeepCache==0.1.1 importlib_metadata==8.7.0 zipp==3.23.0 regex==2025.11.3 tqdm==4.70.1 pyyaml==6.0.4
-        filelock==3.20.0 fsspec==2025.10.0 packaging==25.0 requests==2.32.5 typer-slim==0.20.0 hf-xet==1.2.0)
+# What the device lacks, at the versions installed here (run "fetch" in the project's venv).
+NAMES="diffusers transformers huggingface_hub safetensors tokenizers DeepCache importlib_metadata zipp regex tqdm PyYAML
+filelock fsspec packaging requests hf-xet httpx2 httpcore2 h11 anyio idna certifi charset-normalizer urllib3 typer click
+rich shellingham typing_extensions typing-inspection"
 case "${1:-}" in
   fetch)
     mkdir -p .whl
-    for w in "${WHEELS[@]}"; do
+    for w in $(python3 -m pip freeze | grep -i -E "^($(echo $NAMES | tr ' ' '|'))=="); do
       python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w"
     done ;;

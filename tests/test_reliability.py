@@ -113,10 +113,12 @@ def test_runs_do_not_affect_each_other(pipe):
 
 
 def test_compare_with_baseline_returns_true_stock_images(pipe, tmp_path):
+    scheduler = pipe.scheduler
     generator = Generator(pipe)
     req = Request(prompt="a cat", num_inference_steps=4, width=256, height=256, seed=3,
                   sampler="UniPC", output_format="png", compare_with_baseline=True)
     result = generator(req, tmp_path / "out")
+    assert pipe.scheduler is scheduler  # the session-wide fixture is left as it was
     assert len(result.paths) == 2 and result.baseline_seconds > 0
     stock = fasterdiff.tiny.tiny_pipeline()
     stock.scheduler = make_scheduler("UniPC", pipe.scheduler.config)
@@ -125,6 +127,21 @@ def test_compare_with_baseline_returns_true_stock_images(pipe, tmp_path):
 
     assert np.array_equal(np.asarray(Image.open(result.paths[1])), np.asarray(expected))
     assert not np.array_equal(np.asarray(Image.open(result.paths[0])), np.asarray(expected))
+
+
+def test_compare_with_baseline_leaves_the_held_pipelines_schedulers_alone(tmp_path):
+    from diffusers import DDIMScheduler
+
+    own = fasterdiff.tiny.tiny_pipeline()
+    generator = Generator(own)
+    held = {key: p.scheduler for key, p in generator.stock.items()}
+    config = dict(own.scheduler.config)
+    for sampler in ("Euler", "UniPC"):
+        for unchecked in (False, True):
+            generator(Request(prompt="a cat", num_inference_steps=2, width=64, height=64, seed=1, sampler=sampler,
+                              compare_with_baseline=True, disable_safety_checker=unchecked), tmp_path / "out")
+    assert all(generator.stock[key].scheduler is scheduler for key, scheduler in held.items())
+    assert type(own.scheduler) is DDIMScheduler and dict(own.scheduler.config) == config
 
 
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])

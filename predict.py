@@ -58,10 +58,10 @@ class Predictor(BaseRunner):
             description="Run the decoders of adjacent non-key steps as one batch (faster, more memory).", default=True
         ),
         noise_injection_strength: float = Input(
-            description="Prior noise injection: z_t += strength * z_T in the second half of sampling (0 = off).",
+            description="Prior noise injection: z_t += strength * z_T in the second half of sampling (0 = off; the paper uses 0.003).",
             default=0.003,
             ge=0.0,
-            le=0.05,
+            le=1.0,
         ),
         guidance_scale: float = Input(
             description="Classifier-free guidance scale (1 = no guidance).", default=7.5, ge=1.0, le=20.0

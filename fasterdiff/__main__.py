@@ -51,7 +51,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--uniform-interval", type=_bounded("uniform_interval"), default=d.uniform_interval, help="2-10, with --key-step-mode uniform (default: 5)")
     p.add_argument("--custom-key-steps", default=d.custom_key_steps, help="e.g. '0,1,2,3,5,10,15,25,35', with --key-step-mode custom")
     p.add_argument("--sequential", dest="parallel", action="store_false", help="decode non-key steps one by one (less memory)")
-    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-0.05 (default: 0.003)")
+    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-1 (default: 0.003, the paper's)")
     p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
@@ -201,8 +201,7 @@ def _benchmark(args, argv) -> int:
     return _report(speed.run(cfg), prefix, argv, report.write, speed.markdown_table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fasterdiff",
         description="Stable Diffusion 1.5 sampled faster with FasterDiffusion (encoder propagation, "
@@ -214,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--dest", help="folder (default: $FASTERDIFF_WEIGHTS or weights/)")
     _add_benchmark(sub)
     _add_analyze(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)

@@ -1,8 +1,11 @@
 """What predict.py and the command line share: a validated generation request, run
 on a loaded pipeline, images written to files.
 
-Every input is checked here once, with a message that names it; the Cog predictor
-and ``python -m fasterdiff generate`` are thin shells over :class:`Generator`.
+The Cog predictor and ``python -m fasterdiff generate`` are thin shells over
+:class:`Generator`. Inputs that only a request has (bounds of the predictor's schema,
+output format, seed, prompt length) are checked here, with messages naming the input;
+:meth:`Request.library_arguments` converts a request into the library's call arguments
+once, and the library checks those (key steps against its sampler's step count).
 """
 
 from __future__ import annotations
@@ -20,21 +23,25 @@ from diffusers import StableDiffusionPipeline
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
 from .sampling import RunStats, is_out_of_memory
-from .schedule import parse_step_list, resolve
+from .schedule import parse_step_list
 
 KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
+# Call arguments of an accelerated pipeline that stock diffusers does not take.
+ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "parallel", "noise_injection")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
 # Numeric inputs: name -> (min, max). Sizes must also be multiples of 8, and at least
-# half the model's native size (256 for SD 1.5; see Generator.min_size).
+# half the model's native size (256 for SD 1.5; see Generator.min_size). predict.py
+# repeats these as literals for cog's schema; tests check that every place agrees,
+# and that noise_injection_strength's bound is what the library accepts.
 BOUNDS = {
     "width": (32, 1024),
     "height": (32, 1024),
     "num_outputs": (1, 4),
     "num_inference_steps": (1, 100),
     "uniform_interval": (2, 10),
-    "noise_injection_strength": (0.0, 0.05),
+    "noise_injection_strength": (0.0, 1.0),
     "guidance_scale": (1.0, 20.0),
     "seed": (0, MAX_SEED),
     "output_quality": (1, 100),
@@ -100,22 +107,34 @@ class Request:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.key_step_mode != "custom" and self.custom_key_steps.strip():
             raise ValueError("custom_key_steps is only used with key_step_mode='custom'")
-        try:
-            resolve(self.key_steps(), self.num_inference_steps)  # range checks against the step count
-        except ValueError as err:
-            raise ValueError(str(err).replace("key_steps:", "custom_key_steps:", 1)) from None
-
-    def key_steps(self):
-        """The library's ``key_steps`` argument for this request."""
-        if self.key_step_mode == "non-uniform":
-            return "paper"
-        if self.key_step_mode == "uniform":
-            return self.uniform_interval
-        if self.key_step_mode == "off":
-            return "off"
-        if not self.custom_key_steps.strip():
+        if self.key_step_mode == "custom" and not self.custom_key_steps.strip():
             raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
-        return parse_step_list(self.custom_key_steps)
+
+    def library_arguments(self) -> dict:
+        """This request as keyword arguments of an accelerated pipeline's call (validated
+        first): the one place a request is converted. The library checks the result."""
+        self.validate()
+        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval}.get(self.key_step_mode)
+        if self.key_step_mode == "custom":
+            key_steps = parse_step_list(self.custom_key_steps)
+        return dict(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or None,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            num_images_per_prompt=self.num_outputs,
+            sampler=self.sampler,
+            key_steps=key_steps,
+            parallel=self.parallel,
+            noise_injection=self.noise_injection_strength,
+        )
+
+    def key_step_inputs(self) -> str:
+        """The inputs the library's ``key_steps`` comes from, for its error messages."""
+        names = {"uniform": ["uniform_interval"], "custom": ["custom_key_steps", "num_inference_steps"]}
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in ["key_step_mode", *names.get(self.key_step_mode, [])])
 
 
 @dataclass
@@ -156,12 +175,12 @@ class Generator:
         self.min_size = max(BOUNDS["width"][0], self.native_size // 2)
 
     def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
-        req.validate()
+        args = req.library_arguments()
         for name in ("width", "height"):
-            if getattr(req, name) < self.min_size:
+            if args[name] < self.min_size:
                 raise ValueError(
                     f"{name} must be at least {self.min_size} for this model (half its native "
-                    f"{self.native_size}x{self.native_size}), got {getattr(req, name)}"
+                    f"{self.native_size}x{self.native_size}), got {args[name]}"
                 )
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
         messages = [f"seed: {seed}"]
@@ -173,25 +192,9 @@ class Generator:
                     f"warning: {name} is {n} tokens; CLIP reads only the first "
                     f"{tokenizer.model_max_length}, the rest is ignored"
                 )
-        common = dict(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
-            height=req.height,
-            width=req.width,
-            num_images_per_prompt=req.num_outputs,
-        )
         fast = self.fast[req.disable_safety_checker]
-        with _explain_out_of_memory(req):
-            out = fast(
-                **common,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                sampler=req.sampler,
-                key_steps=req.key_steps(),
-                parallel=req.parallel,
-                noise_injection=req.noise_injection_strength,
-            )
+        with _explain_out_of_memory(req), _naming_inputs(req):
+            out = fast(**args, generator=torch.Generator("cpu").manual_seed(seed))
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
         messages += [
@@ -210,6 +213,7 @@ class Generator:
                 scheduler=make_scheduler(req.sampler, self.base_scheduler_config),
             )
             start = time.perf_counter()
+            common = {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS}
             with _explain_out_of_memory(req):
                 base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
             if self.device.type == "cuda":
@@ -228,6 +232,15 @@ class Generator:
             raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats, baseline_seconds, messages)
+
+
+@contextlib.contextmanager
+def _naming_inputs(req: Request):
+    """The library names its own arguments; add the request inputs its key steps came from."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{err} (from {req.key_step_inputs()})") from err
 
 
 @contextlib.contextmanager

@@ -168,7 +168,7 @@ SERVER_BAD_INPUTS = [
     (dict(key_step_mode="custom", custom_key_steps="1,2"), "custom_key_steps"),
     (dict(key_step_mode="custom", custom_key_steps=""), "custom_key_steps"),
     (dict(key_step_mode="uniform", custom_key_steps="0,1"), "custom_key_steps"),
-    (dict(noise_injection_strength=0.5), "noise_injection_strength"),
+    (dict(noise_injection_strength=1.5), "noise_injection_strength"),
     (dict(noise_injection_strength=-0.01), "noise_injection_strength"),
     (dict(guidance_scale=0.5), "guidance_scale"),
     (dict(guidance_scale=25), "guidance_scale"),

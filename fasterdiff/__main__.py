@@ -42,8 +42,8 @@ def _add_generate(sub) -> None:
         help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/, downloaded there if empty)",
     )
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to keep out of the image")
-    p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
-    p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
+    p.add_argument("--width", type=_bounded("width"), default=None, help="multiple of 8, 32-1024, at least half the model's native size (default: the native size: 512 for SD 1.5, 32 for the stand-in)")
+    p.add_argument("--height", type=_bounded("height"), default=None, help="multiple of 8, 32-1024, at least half the model's native size (default: the native size: 512 for SD 1.5, 32 for the stand-in)")
     p.add_argument("--num-outputs", type=_bounded("num_outputs"), default=d.num_outputs, help="1-4 (default: 1)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler, help="(default: DDIM)")
     p.add_argument("--steps", dest="num_inference_steps", type=_bounded("num_inference_steps"), default=d.num_inference_steps, help="1-100 (default: 50)")

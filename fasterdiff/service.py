@@ -54,8 +54,8 @@ class Request:
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native size (512 for SD 1.5)
+    height: int | None = None
     num_outputs: int = 1
     sampler: str = "DDIM"
     num_inference_steps: int = 50
@@ -83,7 +83,7 @@ class Request:
                 raise ValueError(f"{name} is longer than {MAX_PROMPT_CHARS} characters")
         for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
-            if name == "seed" and value is None:
+            if name in ("seed", "width", "height") and value is None:
                 continue
             is_int = isinstance(value, int) and not isinstance(value, bool)
             is_num = is_int or (isinstance(value, float) and math.isfinite(value))
@@ -93,7 +93,7 @@ class Request:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
         for name in ("width", "height"):
-            if getattr(self, name) % 8:
+            if getattr(self, name) is not None and getattr(self, name) % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")
         for name, choices in (
             ("sampler", SAMPLER_NAMES),
@@ -110,9 +110,13 @@ class Request:
         if self.key_step_mode == "custom" and not self.custom_key_steps.strip():
             raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
 
-    def library_arguments(self) -> dict:
+    def library_arguments(self, native_size: int | None = None) -> dict:
         """This request as keyword arguments of an accelerated pipeline's call (validated
-        first): the one place a request is converted. The library checks the result."""
+        first): the one place a request is converted. The library checks the result.
+
+        A width or height not given is ``native_size`` (None leaves it to the pipeline,
+        which uses the same).
+        """
         self.validate()
         key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval}.get(self.key_step_mode)
         if self.key_step_mode == "custom":
@@ -122,8 +126,8 @@ class Request:
             negative_prompt=self.negative_prompt or None,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
-            height=self.height,
-            width=self.width,
+            height=native_size if self.height is None else self.height,
+            width=native_size if self.width is None else self.width,
             num_images_per_prompt=self.num_outputs,
             sampler=self.sampler,
             key_steps=key_steps,
@@ -170,12 +174,15 @@ class Generator:
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
         self.fast = {False: accelerate(pipe), True: accelerate(unchecked)}
         self.base_scheduler_config = pipe.scheduler.config
-        # Below half its native size (512 for SD 1.5) a model draws broken images.
+        # The size a model was trained at (512 for SD 1.5, 32 for the stand-in): the default.
+        # Below half of it a model draws broken images (refused); above twice it, repeated
+        # or stretched shapes (a warning).
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.min_size = max(BOUNDS["width"][0], self.native_size // 2)
+        self.max_size = 2 * self.native_size
 
     def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
-        args = req.library_arguments()
+        args = req.library_arguments(self.native_size)
         for name in ("width", "height"):
             if args[name] < self.min_size:
                 raise ValueError(
@@ -184,6 +191,11 @@ class Generator:
                 )
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
         messages = [f"seed: {seed}"]
+        if max(args["width"], args["height"]) > self.max_size:
+            messages.append(
+                f"warning: {args['width']}x{args['height']} is more than twice this model's native "
+                f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
+            )
         tokenizer = self.stock[False].tokenizer
         for name in ("prompt", "negative_prompt"):
             n = len(tokenizer(getattr(req, name)).input_ids)
@@ -193,7 +205,7 @@ class Generator:
                     f"{tokenizer.model_max_length}, the rest is ignored"
                 )
         fast = self.fast[req.disable_safety_checker]
-        with _explain_out_of_memory(req), _naming_inputs(req):
+        with _explain_out_of_memory(args), _naming_inputs(req):
             out = fast(**args, generator=torch.Generator("cpu").manual_seed(seed))
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
@@ -214,7 +226,7 @@ class Generator:
             )
             start = time.perf_counter()
             common = {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS}
-            with _explain_out_of_memory(req):
+            with _explain_out_of_memory(args):
                 base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -244,7 +256,7 @@ def _naming_inputs(req: Request):
 
 
 @contextlib.contextmanager
-def _explain_out_of_memory(req: Request):
+def _explain_out_of_memory(args: dict):
     """Out of memory even one step at a time: say what to lower instead of a trace."""
     try:
         yield
@@ -252,7 +264,7 @@ def _explain_out_of_memory(req: Request):
         if not is_out_of_memory(err):
             raise
         raise RuntimeError(
-            f"out of memory generating {req.num_outputs} image(s) of {req.width}x{req.height}; "
+            f"out of memory generating {args['num_images_per_prompt']} image(s) of {args['width']}x{args['height']}; "
             "lower num_outputs, width or height"
         ) from err
     finally:

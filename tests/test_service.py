@@ -85,3 +85,19 @@ def test_library_arguments_are_what_the_pipeline_takes(pipe):
     assert out.stats.key_steps == (0,)
     stock_args = {k: v for k, v in args.items() if k not in service.ACCELERATION_ARGUMENTS}
     pipe(**dict(stock_args, num_inference_steps=1, width=64, height=64), output_type="latent")
+
+
+def test_sizes_default_to_the_models_native_size_with_a_warning_above_twice_it(pipe, tmp_path):
+    from PIL import Image
+
+    generator = Generator(pipe)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor  # 64 for the tiny pipeline
+    result = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, output_format="png"), tmp_path / "a")
+    assert Image.open(result.paths[0]).size == (native, native)
+    assert not any("warning" in m for m in result.messages)
+    wide = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native + 8, output_format="png"),
+                     tmp_path / "b")
+    assert Image.open(wide.paths[0]).size == (2 * native + 8, native)
+    assert any(f"more than twice this model's native {native}x{native}" in m for m in wide.messages), wide.messages
+    at_twice = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native), tmp_path / "c")
+    assert not any("warning" in m for m in at_twice.messages)

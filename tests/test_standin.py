@@ -167,17 +167,23 @@ def test_predictor_on_the_standin_draws_what_the_prompt_asks(standin_server, cla
     check_accuracy(acc, "off" if mode == "off" else "paper")
 
 
-def test_cli_on_the_standin_draws_what_the_prompt_asks(classifier, tmp_path):
-    attrs = data.Attributes(7, 0, 2)  # "a bold red seven"
-    out = tmp_path / "seven.png"
+def test_readme_command_for_the_standin_draws_a_red_seven_at_its_native_size(classifier, tmp_path):
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python -m fasterdiff generate") and "standin/pipeline" in ln)
+    argv = shlex.split(line)
+    out = tmp_path / argv[argv.index("-o") + 1]
+    argv[argv.index("-o") + 1] = str(out)
+    assert argv[:3] == ["python", "-m", "fasterdiff"] and "--width" not in argv and "--steps" not in argv
     result = subprocess.run(
-        [sys.executable, "-m", "fasterdiff", "generate", attrs.prompt, "--weights", str(PIPELINE_DIR),
-         "--width", "32", "--height", "32", "--steps", "20", "--seed", "3", "-o", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, *argv[1:], "--seed", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    s = score.classify(classifier, to_tensor([Image.open(out).convert("RGB")]))
-    assert s.predictions["digit"][0] == 7 and s.predictions["color"][0] == 0
+    image = Image.open(out).convert("RGB")
+    assert image.size == (32, 32) and "warning" not in result.stdout
+    s = score.classify(classifier, to_tensor([image]))
+    assert s.predictions["digit"][0] == 7 and s.predictions["color"][0] == data.COLOR_NAMES.index("red")
 
 
 def test_sizes_below_half_the_native_size_are_refused(tmp_path):

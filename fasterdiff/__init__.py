@@ -6,10 +6,22 @@ injection) for Stable Diffusion 1.5-family diffusers pipelines.
     image = fast("a photo of a cat").images[0]
 """
 
-from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, Settings, accelerate
-from .samplers import SAMPLER_NAMES
-from .schedule import KeySteps, paper_key_steps
-from .weights import load_pipeline
+import logging as _logging
+
+
+def _not_torchvision_fallback(record: _logging.LogRecord) -> bool:
+    # Without torchvision, transformers 5 announces on import that CLIP's image processor
+    # (the safety checker's feature extractor) falls back to its PIL version: the one SD
+    # pipelines used before transformers 5, so the notice is only noise on every run.
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)
+
+from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, Settings, accelerate  # noqa: E402
+from .samplers import SAMPLER_NAMES  # noqa: E402
+from .schedule import KeySteps, paper_key_steps  # noqa: E402
+from .weights import load_pipeline  # noqa: E402
 
 __all__ = [
     "FasterDiffusionOutput",

@@ -11,6 +11,7 @@ once, and the library checks those (key steps against its sampler's step count).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -197,15 +198,17 @@ class Generator:
                 f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
             )
         tokenizer = self.stock[False].tokenizer
+        limit = tokenizer.model_max_length
         for name in ("prompt", "negative_prompt"):
-            n = len(tokenizer(getattr(req, name)).input_ids)
-            if n > tokenizer.model_max_length:
+            ids = tokenizer(getattr(req, name), verbose=False).input_ids
+            if len(ids) > limit:
+                ignored = tokenizer.decode(ids[limit - 1 : -1])  # as diffusers cuts: keep limit - 1, then the end token
                 messages.append(
-                    f"warning: {name} is {n} tokens; CLIP reads only the first "
-                    f"{tokenizer.model_max_length}, the rest is ignored"
+                    f"warning: {name} is {len(ids)} tokens; CLIP reads only the first {limit}, "
+                    f"the rest is ignored: {ignored!r}"
                 )
         fast = self.fast[req.disable_safety_checker]
-        with _explain_out_of_memory(args), _naming_inputs(req):
+        with _explain_out_of_memory(args), _naming_inputs(req), _truncation_said_once():
             out = fast(**args, generator=torch.Generator("cpu").manual_seed(seed))
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
@@ -226,7 +229,7 @@ class Generator:
             )
             start = time.perf_counter()
             common = {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS}
-            with _explain_out_of_memory(args):
+            with _explain_out_of_memory(args), _truncation_said_once():
                 base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -244,6 +247,24 @@ class Generator:
             raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats, baseline_seconds, messages)
+
+
+# diffusers logs the cut text of a long prompt at every encode_prompt; the messages above say it once.
+_ENCODE_PROMPT_LOGGER = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
+
+
+def _not_truncation(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("The following part of your input was truncated")
+
+
+@contextlib.contextmanager
+def _truncation_said_once():
+    logger = logging.getLogger(_ENCODE_PROMPT_LOGGER)
+    logger.addFilter(_not_truncation)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_truncation)
 
 
 @contextlib.contextmanager

@@ -101,3 +101,25 @@ def test_sizes_default_to_the_models_native_size_with_a_warning_above_twice_it(p
     assert any(f"more than twice this model's native {native}x{native}" in m for m in wide.messages), wide.messages
     at_twice = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native), tmp_path / "c")
     assert not any("warning" in m for m in at_twice.messages)
+
+
+def test_a_long_prompts_cut_text_is_logged_once(pipe, tmp_path, capfd):
+    prompt = "a cat " * 20 + "zebra " * 600 + "lastword"  # about 4,000 characters
+    result = Generator(pipe)(Request(prompt=prompt, num_inference_steps=1, seed=1, compare_with_baseline=True),
+                             tmp_path)
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err + "\n".join(result.messages)
+    assert logs.count("lastword") == 1, logs[-2000:]
+    (warning,) = [m for m in result.messages if "CLIP reads only the first 77" in m]
+    assert warning.endswith("lastword'") and "a cat" not in warning
+    assert "Token indices sequence length" not in logs
+
+
+def test_cli_prints_no_torchvision_notice():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fasterdiff", "generate", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--width" in result.stdout
+    assert "torchvision" not in result.stderr, result.stderr

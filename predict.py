@@ -74,7 +74,7 @@ class Predictor(BaseRunner):
         ),
         output_format: str = Input(description="Image file format.", default="webp", choices=["webp", "jpg", "png"]),
         output_quality: int = Input(description="Quality for webp and jpg (ignored for png).", default=80, ge=1, le=100),
-        disable_safety_checker: bool = Input(description="Skip the safety checker that blanks NSFW images.", default=False),
+        disable_safety_checker: bool = Input(description="Skip the safety checker. With it, images it flags as NSFW are left out of the output (the logs say how many), and a prediction whose images are all flagged fails.", default=False),
         compare_with_baseline: bool = Input(
             description="Also sample stock Stable Diffusion 1.5 with the same seed; its images follow the accelerated ones and the logs give both times and the speedup.",
             default=False,

@@ -55,7 +55,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
-    p.add_argument("--disable-safety-checker", action="store_true")
+    p.add_argument("--disable-safety-checker", action="store_true", help="skip the safety checker (otherwise images it flags are left out)")
     p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup")
 
 

@@ -123,3 +123,38 @@ def test_cli_prints_no_torchvision_notice():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--width" in result.stdout
     assert "torchvision" not in result.stderr, result.stderr
+
+
+class FlagEvery:
+    """A stand-in safety checker: flags images by position (pipelines call it with these arguments)."""
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __call__(self, images, clip_input):
+        return images, [self.flags[i % len(self.flags)] for i in range(len(images))]
+
+
+def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    base = fasterdiff.tiny.tiny_pipeline()
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    req = dict(prompt="a cat", num_inference_steps=1, seed=1, num_outputs=3)
+    for flags, kept in (([True, False, False], 2), ([True], 0)):
+        pipe = service.view(base, feature_extractor=extractor, safety_checker=None)
+        pipe.safety_checker = FlagEvery(flags)  # not a torch module: set after construction
+        generator = Generator(pipe)
+        if kept:
+            result = generator(Request(**req), tmp_path / str(kept))
+            assert len(result.paths) == kept
+            assert "NSFW content detected in 1 image(s); they were left out" in result.messages
+        else:
+            with pytest.raises(RuntimeError, match="NSFW content detected in every image"):
+                generator(Request(**req), tmp_path / "none")
+        unchecked = generator(Request(**req, disable_safety_checker=True), tmp_path / f"unchecked-{kept}")
+        assert len(unchecked.paths) == 3
+    description = predictor_literals("disable_safety_checker")["description"]
+    assert "left out" in description and "blank" not in description
+    readme_row = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| disable_safety_checker"))
+    assert "left out" in readme_row

@@ -103,8 +103,12 @@ def _add_benchmark(sub) -> None:
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default="DDIM")
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--max-batch", type=int, default=2, help="max_batch of the memory-bounded parallel method")
-    s.add_argument("--quick", action="store_true", help="tiny model, seconds: proves the benchmark runs")
-    s.add_argument("--out", help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>)")
+    s.add_argument("--quick", action="store_true", help="a tiny random model, seconds: only shows that the benchmark runs")
+    s.add_argument(
+        "--out",
+        help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>; "
+        "with --quick, benchmarks/results/tmp/..., which git ignores)",
+    )
     _add_fidelity(bsub)
 
 
@@ -140,8 +144,10 @@ def _fidelity(args, argv) -> int:
 
 
 def _report(result: dict, prefix: str, argv, write, table) -> int:
-    """Write a result's files, stamped with the command; print its table and the paths."""
+    """Write a result's files, stamped with the command; print the model, its table and the paths."""
     paths = write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    if "model" in result:
+        print(f"model: {result['model']}")
     print(table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -182,7 +188,7 @@ def _analyze(args, argv) -> int:
 
 
 def _benchmark(args, argv) -> int:
-    from .bench import report, speed
+    from .bench import speed
 
     if args.benchmark == "fidelity":
         return _fidelity(args, argv)
@@ -197,8 +203,10 @@ def _benchmark(args, argv) -> int:
         quick=args.quick,
         max_batch=args.max_batch,
     )
-    prefix = args.out or f"benchmarks/results/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
-    return _report(speed.run(cfg), prefix, argv, report.write, speed.markdown_table)
+    # --quick only shows that the benchmark runs: its files go where git ignores them
+    folder = "benchmarks/results/tmp" if args.quick else "benchmarks/results"
+    prefix = args.out or f"{folder}/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
+    return _report(speed.run(cfg), prefix, argv, speed.write, speed.markdown_table)
 
 
 def build_parser() -> argparse.ArgumentParser:

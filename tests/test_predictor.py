@@ -240,3 +240,16 @@ def test_soak_200_predictions_with_flat_memory(server):
             rss[i] = _rss_kib(server.proc.pid)
     print(f"soak: server RSS after prediction 20: {rss[20]} KiB, after 200: {rss[200]} KiB")
     assert rss[200] <= 1.10 * rss[20], rss
+
+
+def test_a_failed_predictions_error_is_our_message_under_cogs_prefix(server):
+    status, body = server.predict({**FAST, "prompt": "a cat", "width": 100})
+    assert status == 200 and body["status"] == "failed", body
+    ours = "ValueError: width must be a multiple of 8, got 100"
+    error = body["error"]
+    assert error.endswith(ours), error
+    prefix = error[: -len(ours)]
+    # Nothing of ours before the message: the prefix is cog's own (doubled in cog 0.23.1), as README says.
+    assert prefix and set(prefix.split("Prediction failed: ")) == {""}, prefix
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"`error` reads `{prefix}{ours}`" in readme

@@ -58,10 +58,10 @@ class Predictor(BaseRunner):
             description="Run the decoders of adjacent non-key steps as one batch (faster, more memory).", default=True
         ),
         noise_injection_strength: float = Input(
-            description="Prior noise injection: z_t += strength * z_T in the second half of sampling (0 = off).",
+            description="Prior noise injection: z_t += strength * z_T in the second half of sampling (0 = off; the paper uses 0.003).",
             default=0.003,
             ge=0.0,
-            le=0.05,
+            le=1.0,
         ),
         guidance_scale: float = Input(
             description="Classifier-free guidance scale (1 = no guidance).", default=7.5, ge=1.0, le=20.0
@@ -74,7 +74,7 @@ class Predictor(BaseRunner):
         ),
         output_format: str = Input(description="Image file format.", default="webp", choices=["webp", "jpg", "png"]),
         output_quality: int = Input(description="Quality for webp and jpg (ignored for png).", default=80, ge=1, le=100),
-        disable_safety_checker: bool = Input(description="Skip the safety checker that blanks NSFW images.", default=False),
+        disable_safety_checker: bool = Input(description="Skip the safety checker. With it, images it flags as NSFW are left out of the output (the logs say how many), and a prediction whose images are all flagged fails.", default=False),
         compare_with_baseline: bool = Input(
             description="Also sample stock Stable Diffusion 1.5 with the same seed; its images follow the accelerated ones and the logs give both times and the speedup.",
             default=False,

@@ -6,7 +6,19 @@ injection) and other UNet reuse plans for Stable Diffusion-family diffusers pipe
     image = fast("a photo of a cat").images[0]
 """
 
-from .pipeline import (
+import logging as _logging
+
+
+def _not_torchvision_fallback(record: _logging.LogRecord) -> bool:
+    # Without torchvision, transformers 5 announces on import that CLIP's image processor
+    # (the safety checker's feature extractor) falls back to its PIL version: the one SD
+    # pipelines used before transformers 5, so the notice is only noise on every run.
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)
+
+from .pipeline import (  # noqa: E402
     FasterDiffusionOutput,
     FasterDiffusionPipeline,
     FasterDiffusionXLOutput,
@@ -14,11 +26,11 @@ from .pipeline import (
     Settings,
     accelerate,
 )
-from .plan import ReusePlan, deep_plan, encoder_plan
-from .reuse import RunStats
-from .samplers import SAMPLER_NAMES
-from .schedule import KeySteps, paper_key_steps
-from .weights import load_pipeline
+from .plan import ReusePlan, deep_plan, encoder_plan  # noqa: E402
+from .reuse import RunStats  # noqa: E402
+from .samplers import SAMPLER_NAMES  # noqa: E402
+from .schedule import KeySteps, paper_key_steps  # noqa: E402
+from .weights import load_pipeline  # noqa: E402
 
 __all__ = [
     "FasterDiffusionOutput",

@@ -42,8 +42,8 @@ def _add_generate(sub) -> None:
         help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/, downloaded there if empty)",
     )
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to keep out of the image")
-    p.add_argument("--width", type=_bounded("width"), default=d.width, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
-    p.add_argument("--height", type=_bounded("height"), default=d.height, help="multiple of 8, 32-1024, at least half the model's native size (default: 512)")
+    p.add_argument("--width", type=_bounded("width"), default=None, help="multiple of 8, 32-1024, at least half the model's native size (default: the native size: 512 for SD 1.5, 32 for the stand-in)")
+    p.add_argument("--height", type=_bounded("height"), default=None, help="multiple of 8, 32-1024, at least half the model's native size (default: the native size: 512 for SD 1.5, 32 for the stand-in)")
     p.add_argument("--num-outputs", type=_bounded("num_outputs"), default=d.num_outputs, help="1-4 (default: 1)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler, help="(default: DDIM)")
     p.add_argument("--steps", dest="num_inference_steps", type=_bounded("num_inference_steps"), default=d.num_inference_steps, help="1-100 (default: 50)")
@@ -51,11 +51,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--uniform-interval", type=_bounded("uniform_interval"), default=d.uniform_interval, help="2-10, with --key-step-mode uniform (default: 5)")
     p.add_argument("--custom-key-steps", default=d.custom_key_steps, help="e.g. '0,1,2,3,5,10,15,25,35', with --key-step-mode custom")
     p.add_argument("--sequential", dest="parallel", action="store_false", help="decode non-key steps one by one (less memory)")
-    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-0.05 (default: 0.003)")
+    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-1 (default: 0.003, the paper's)")
     p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
-    p.add_argument("--disable-safety-checker", action="store_true")
+    p.add_argument("--disable-safety-checker", action="store_true", help="skip the safety checker (otherwise images it flags are left out)")
     p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup")
 
 
@@ -103,8 +103,12 @@ def _add_benchmark(sub) -> None:
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default="DDIM")
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--max-batch", type=int, default=2, help="max_batch of the memory-bounded parallel method")
-    s.add_argument("--quick", action="store_true", help="tiny model, seconds: proves the benchmark runs")
-    s.add_argument("--out", help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>)")
+    s.add_argument("--quick", action="store_true", help="a tiny random model, seconds: only shows that the benchmark runs")
+    s.add_argument(
+        "--out",
+        help="output path prefix (default: benchmarks/results/speed-<device>-<sampler>-<steps>; "
+        "with --quick, benchmarks/results/tmp/..., which git ignores)",
+    )
     _add_fidelity(bsub)
 
 
@@ -140,8 +144,10 @@ def _fidelity(args, argv) -> int:
 
 
 def _report(result: dict, prefix: str, argv, write, table) -> int:
-    """Write a result's files, stamped with the command; print its table and the paths."""
+    """Write a result's files, stamped with the command; print the model, its table and the paths."""
     paths = write(result, Path(prefix), command="python -m fasterdiff " + " ".join(argv))
+    if "model" in result:
+        print(f"model: {result['model']}")
     print(table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -182,7 +188,7 @@ def _analyze(args, argv) -> int:
 
 
 def _benchmark(args, argv) -> int:
-    from .bench import report, speed
+    from .bench import speed
 
     if args.benchmark == "fidelity":
         return _fidelity(args, argv)
@@ -197,12 +203,13 @@ def _benchmark(args, argv) -> int:
         quick=args.quick,
         max_batch=args.max_batch,
     )
-    prefix = args.out or f"benchmarks/results/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
-    return _report(speed.run(cfg), prefix, argv, report.write, speed.markdown_table)
+    # --quick only shows that the benchmark runs: its files go where git ignores them
+    folder = "benchmarks/results/tmp" if args.quick else "benchmarks/results"
+    prefix = args.out or f"{folder}/speed-{args.device}-{args.sampler}-{args.steps}" + ("-quick" if args.quick else "")
+    return _report(speed.run(cfg), prefix, argv, speed.write, speed.markdown_table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fasterdiff",
         description="Stable Diffusion 1.5 sampled faster with FasterDiffusion (encoder propagation, "
@@ -214,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--dest", help="folder (default: $FASTERDIFF_WEIGHTS or weights/)")
     _add_benchmark(sub)
     _add_analyze(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)

@@ -20,7 +20,6 @@ small next to the decoder's.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -211,16 +210,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, prefix: Path, command: str) -> list[Path]:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_suffix(".json"), prefix.with_suffix(".md"), prefix.with_suffix(".png")]
-    paths[0].write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
+def markdown_page(result: dict) -> str:
     s = result["summary"]
-    paths[1].write_text(
-        f"# UNet feature change per step\n\n`{command}`\n\n"
+    return (
+        f"# UNet feature change per step\n\n`{result['command']}`\n\n"
         f"Mean relative change: encoder {s['encoder_mean_relative_change']:.4f}, bottleneck "
         f"{s['bottleneck_mean_relative_change']:.4f}, decoder {s['decoder_mean_relative_change']:.4f} "
         f"(decoder / encoder = {s['decoder_over_encoder']:.2f}).\n\n" + markdown_table(result) + "\n"
     )
-    plot(result, paths[2])
-    return paths
+
+
+def write(result: dict, prefix: Path, command: str) -> list[Path]:
+    """``prefix``.json, .md and .png."""
+    from .bench import report
+
+    return report.write(result, prefix, command, markdown_page, {".png": plot})

@@ -1,13 +1,17 @@
 """What predict.py and the command line share: a validated generation request, run
 on a loaded pipeline, images written to files.
 
-Every input is checked here once, with a message that names it; the Cog predictor
-and ``python -m fasterdiff generate`` are thin shells over :class:`Generator`.
+The Cog predictor and ``python -m fasterdiff generate`` are thin shells over
+:class:`Generator`. Inputs that only a request has (bounds of the predictor's schema,
+output format, seed, prompt length) are checked here, with messages naming the input;
+:meth:`Request.library_arguments` converts a request into the library's call arguments
+once, and the library checks those (key steps against its sampler's step count).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -20,21 +24,25 @@ from diffusers import StableDiffusionPipeline
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
-from .schedule import parse_step_list, resolve
+from .schedule import parse_step_list
 
 KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
+# Call arguments of an accelerated pipeline that stock diffusers does not take.
+ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "parallel", "noise_injection")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
 # Numeric inputs: name -> (min, max). Sizes must also be multiples of 8, and at least
-# half the model's native size (256 for SD 1.5; see Generator.min_size).
+# half the model's native size (256 for SD 1.5; see Generator.min_size). predict.py
+# repeats these as literals for cog's schema; tests check that every place agrees,
+# and that noise_injection_strength's bound is what the library accepts.
 BOUNDS = {
     "width": (32, 1024),
     "height": (32, 1024),
     "num_outputs": (1, 4),
     "num_inference_steps": (1, 100),
     "uniform_interval": (2, 10),
-    "noise_injection_strength": (0.0, 0.05),
+    "noise_injection_strength": (0.0, 1.0),
     "guidance_scale": (1.0, 20.0),
     "seed": (0, MAX_SEED),
     "output_quality": (1, 100),
@@ -47,8 +55,8 @@ class Request:
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native size (512 for SD 1.5)
+    height: int | None = None
     num_outputs: int = 1
     sampler: str = "DDIM"
     num_inference_steps: int = 50
@@ -76,7 +84,7 @@ class Request:
                 raise ValueError(f"{name} is longer than {MAX_PROMPT_CHARS} characters")
         for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
-            if name == "seed" and value is None:
+            if name in ("seed", "width", "height") and value is None:
                 continue
             is_int = isinstance(value, int) and not isinstance(value, bool)
             is_num = is_int or (isinstance(value, float) and math.isfinite(value))
@@ -86,7 +94,7 @@ class Request:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
         for name in ("width", "height"):
-            if getattr(self, name) % 8:
+            if getattr(self, name) is not None and getattr(self, name) % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")
         for name, choices in (
             ("sampler", SAMPLER_NAMES),
@@ -100,22 +108,38 @@ class Request:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.key_step_mode != "custom" and self.custom_key_steps.strip():
             raise ValueError("custom_key_steps is only used with key_step_mode='custom'")
-        try:
-            resolve(self.key_steps(), self.num_inference_steps)  # range checks against the step count
-        except ValueError as err:
-            raise ValueError(str(err).replace("key_steps:", "custom_key_steps:", 1)) from None
-
-    def key_steps(self):
-        """The library's ``key_steps`` argument for this request."""
-        if self.key_step_mode == "non-uniform":
-            return "paper"
-        if self.key_step_mode == "uniform":
-            return self.uniform_interval
-        if self.key_step_mode == "off":
-            return "off"
-        if not self.custom_key_steps.strip():
+        if self.key_step_mode == "custom" and not self.custom_key_steps.strip():
             raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
-        return parse_step_list(self.custom_key_steps)
+
+    def library_arguments(self, native_size: int | None = None) -> dict:
+        """This request as keyword arguments of an accelerated pipeline's call (validated
+        first): the one place a request is converted. The library checks the result.
+
+        A width or height not given is ``native_size`` (None leaves it to the pipeline,
+        which uses the same).
+        """
+        self.validate()
+        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval}.get(self.key_step_mode)
+        if self.key_step_mode == "custom":
+            key_steps = parse_step_list(self.custom_key_steps)
+        return dict(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or None,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=native_size if self.height is None else self.height,
+            width=native_size if self.width is None else self.width,
+            num_images_per_prompt=self.num_outputs,
+            sampler=self.sampler,
+            key_steps=key_steps,
+            parallel=self.parallel,
+            noise_injection=self.noise_injection_strength,
+        )
+
+    def key_step_inputs(self) -> str:
+        """The inputs the library's ``key_steps`` comes from, for its error messages."""
+        names = {"uniform": ["uniform_interval"], "custom": ["custom_key_steps", "num_inference_steps"]}
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in ["key_step_mode", *names.get(self.key_step_mode, [])])
 
 
 @dataclass
@@ -127,12 +151,19 @@ class Result:
     messages: list[str] = field(default_factory=list)
 
 
-def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """The same components, no safety checker (nothing is copied)."""
-    parts = dict(pipe.components, safety_checker=None)
-    out = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+def view(pipe: StableDiffusionPipeline, **replace) -> StableDiffusionPipeline:
+    """A stock pipeline of ``pipe``'s components with some replaced (nothing is copied;
+    ``pipe`` is left as it was)."""
+    parts = dict(pipe.components, **replace)
+    requires = pipe.config.requires_safety_checker and parts["safety_checker"] is not None
+    out = StableDiffusionPipeline(**parts, requires_safety_checker=requires)
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return out
+
+
+def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The same components, no safety checker."""
+    return view(pipe, safety_checker=None)
 
 
 class Generator:
@@ -144,47 +175,41 @@ class Generator:
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
         self.fast = {False: accelerate(pipe), True: accelerate(unchecked)}
         self.base_scheduler_config = pipe.scheduler.config
-        # Below half its native size (512 for SD 1.5) a model draws broken images.
+        # The size a model was trained at (512 for SD 1.5, 32 for the stand-in): the default.
+        # Below half of it a model draws broken images (refused); above twice it, repeated
+        # or stretched shapes (a warning).
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.min_size = max(BOUNDS["width"][0], self.native_size // 2)
+        self.max_size = 2 * self.native_size
 
     def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
-        req.validate()
+        args = req.library_arguments(self.native_size)
         for name in ("width", "height"):
-            if getattr(req, name) < self.min_size:
+            if args[name] < self.min_size:
                 raise ValueError(
                     f"{name} must be at least {self.min_size} for this model (half its native "
-                    f"{self.native_size}x{self.native_size}), got {getattr(req, name)}"
+                    f"{self.native_size}x{self.native_size}), got {args[name]}"
                 )
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
         messages = [f"seed: {seed}"]
-        tokenizer = self.stock[False].tokenizer
-        for name in ("prompt", "negative_prompt"):
-            n = len(tokenizer(getattr(req, name)).input_ids)
-            if n > tokenizer.model_max_length:
-                messages.append(
-                    f"warning: {name} is {n} tokens; CLIP reads only the first "
-                    f"{tokenizer.model_max_length}, the rest is ignored"
-                )
-        common = dict(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
-            height=req.height,
-            width=req.width,
-            num_images_per_prompt=req.num_outputs,
-        )
-        fast = self.fast[req.disable_safety_checker]
-        with _explain_out_of_memory(req):
-            out = fast(
-                **common,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                sampler=req.sampler,
-                key_steps=req.key_steps(),
-                parallel=req.parallel,
-                noise_injection=req.noise_injection_strength,
+        if max(args["width"], args["height"]) > self.max_size:
+            messages.append(
+                f"warning: {args['width']}x{args['height']} is more than twice this model's native "
+                f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
             )
+        tokenizer = self.stock[False].tokenizer
+        limit = tokenizer.model_max_length
+        for name in ("prompt", "negative_prompt"):
+            ids = tokenizer(getattr(req, name), verbose=False).input_ids
+            if len(ids) > limit:
+                ignored = tokenizer.decode(ids[limit - 1 : -1])  # as diffusers cuts: keep limit - 1, then the end token
+                messages.append(
+                    f"warning: {name} is {len(ids)} tokens; CLIP reads only the first {limit}, "
+                    f"the rest is ignored: {ignored!r}"
+                )
+        fast = self.fast[req.disable_safety_checker]
+        with _explain_out_of_memory(args), _naming_inputs(req), _truncation_said_once():
+            out = fast(**args, generator=torch.Generator("cpu").manual_seed(seed))
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
         messages += [
@@ -197,10 +222,14 @@ class Generator:
             messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
         baseline_seconds = None
         if req.compare_with_baseline:
-            stock = self.stock[req.disable_safety_checker]
-            stock.scheduler = make_scheduler(req.sampler, self.base_scheduler_config)
+            # a view with the request's sampler: the held pipeline keeps its own scheduler
+            stock = view(
+                self.stock[req.disable_safety_checker],
+                scheduler=make_scheduler(req.sampler, self.base_scheduler_config),
+            )
             start = time.perf_counter()
-            with _explain_out_of_memory(req):
+            common = {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS}
+            with _explain_out_of_memory(args), _truncation_said_once():
                 base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -220,8 +249,35 @@ class Generator:
         return Result(paths, seed, stats, baseline_seconds, messages)
 
 
+# diffusers logs the cut text of a long prompt at every encode_prompt; the messages above say it once.
+_ENCODE_PROMPT_LOGGER = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
+
+
+def _not_truncation(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("The following part of your input was truncated")
+
+
 @contextlib.contextmanager
-def _explain_out_of_memory(req: Request):
+def _truncation_said_once():
+    logger = logging.getLogger(_ENCODE_PROMPT_LOGGER)
+    logger.addFilter(_not_truncation)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_truncation)
+
+
+@contextlib.contextmanager
+def _naming_inputs(req: Request):
+    """The library names its own arguments; add the request inputs its key steps came from."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{err} (from {req.key_step_inputs()})") from err
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(args: dict):
     """Out of memory even one step at a time: say what to lower instead of a trace."""
     try:
         yield
@@ -229,7 +285,7 @@ def _explain_out_of_memory(req: Request):
         if not is_out_of_memory(err):
             raise
         raise RuntimeError(
-            f"out of memory generating {req.num_outputs} image(s) of {req.width}x{req.height}; "
+            f"out of memory generating {args['num_images_per_prompt']} image(s) of {args['width']}x{args['height']}; "
             "lower num_outputs, width or height"
         ) from err
     finally:

@@ -28,7 +28,7 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
-def _byte_level_alphabet() -> list[str]:
+def byte_level_alphabet() -> list[str]:
     """The 256 printable characters byte-level BPE maps bytes to (as in GPT-2/CLIP)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     keep += list(range(ord("®"), ord("ÿ") + 1))
@@ -42,14 +42,19 @@ def _byte_level_alphabet() -> list[str]:
     return chars
 
 
+def clip_tokenizer(merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    """CLIP's byte-level BPE over single characters, with these ``merges`` (in order) as
+    the only multi-character tokens; 77 tokens, as SD's."""
+    alphabet = byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
+    tokens += ["".join(m) for m in merges]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
 def tiny_tokenizer() -> CLIPTokenizer:
     """A character-level CLIP tokenizer: every byte is a token, plus a few merges."""
-    alphabet = _byte_level_alphabet()
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
-    merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")]
-    tokens += ["".join(m) for m in merges]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return clip_tokenizer([("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")])
 
 
 SD15_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15_unet.json"

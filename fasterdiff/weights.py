@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,19 @@ WEIGHTS_ENV = "FASTERDIFF_WEIGHTS"
 # Configs, tokenizer and the fp16 safetensors of every component (about 2 GB).
 DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors"]
 DOWNLOAD_COMMAND = "python -m fasterdiff download-weights"
+# What each component of an SD-format folder needs on disk: its config, and weights for
+# the torch modules. A component model_index.json lists but this table does not know
+# needs a non-empty folder.
+_WEIGHTS = ("*.safetensors", "*.bin")
+COMPONENT_FILES = {
+    "unet": ("config.json", _WEIGHTS),
+    "vae": ("config.json", _WEIGHTS),
+    "text_encoder": ("config.json", _WEIGHTS),
+    "safety_checker": ("config.json", _WEIGHTS),
+    "tokenizer": ("tokenizer_config.json",),
+    "scheduler": ("scheduler_config.json",),
+    "feature_extractor": ("preprocessor_config.json",),
+}
 
 
 class WeightsUnavailable(RuntimeError):
@@ -25,8 +39,49 @@ def weights_dir() -> Path:
     return Path(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR)
 
 
+def missing_files(folder: str | os.PathLike) -> list[str]:
+    """What an SD-format folder lacks to load as a pipeline (``[]`` when complete).
+
+    Reads ``model_index.json`` and checks every component it lists for its config and,
+    for torch modules, a weights file.
+    """
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return ["model_index.json"]
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return ["model_index.json (unreadable)"]
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue  # settings, and components the pipeline does not have
+        sub = folder / name
+        needs = COMPONENT_FILES.get(name)
+        if needs is None:
+            if not (sub.is_dir() and any(sub.iterdir())):
+                missing.append(f"{name}/")
+            continue
+        for need in needs:
+            patterns = need if isinstance(need, tuple) else (need,)
+            if not any(any(sub.glob(pattern)) for pattern in patterns):
+                missing.append(f"{name}/{' or '.join(patterns)}")
+    return missing
+
+
 def has_weights(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / "model_index.json").is_file()
+    """``folder`` holds a complete SD-format pipeline."""
+    return not missing_files(folder)
+
+
+def _unavailable(folder: Path, missing: list[str], cause: str) -> WeightsUnavailable:
+    """The one message for weights that are not there: what is missing, why, what to run."""
+    return WeightsUnavailable(
+        f"no complete Stable Diffusion 1.5 weights in {folder} (missing: {', '.join(missing)}); {cause}. "
+        f"Fetch them on a machine with internet access with: {DOWNLOAD_COMMAND} --dest {folder} "
+        f"(or point ${WEIGHTS_ENV} at a folder that holds them)"
+    )
 
 
 def default_device() -> torch.device:
@@ -49,8 +104,9 @@ def load_pipeline(
     kwargs = {"dtype": dtype, "local_files_only": local_files_only}
     folder = Path(path_or_repo_id)
     if folder.is_dir():
-        if not has_weights(folder):
-            raise WeightsUnavailable(f"{folder} holds no model_index.json; fetch the weights with: {DOWNLOAD_COMMAND}")
+        missing = missing_files(folder)
+        if missing:
+            raise _unavailable(folder, missing, "the folder is incomplete")
         if _only_fp16_files(folder):
             kwargs["variant"] = "fp16"
     pipe = StableDiffusionPipeline.from_pretrained(str(path_or_repo_id), **kwargs)
@@ -67,8 +123,10 @@ def _only_fp16_files(folder: Path) -> bool:
 def download_weights(dest: str | os.PathLike | None = None, repo_id: str = SD15_REPO_ID) -> Path:
     """Download SD 1.5 (fp16 files, safety checker included) into ``dest``.
 
-    huggingface_hub shows a progress bar per file. Raises :class:`WeightsUnavailable`
-    with the command to retry if the download fails.
+    huggingface_hub shows a progress bar per file. Without network access it may return
+    ``dest`` as it was, so the result is checked: raises :class:`WeightsUnavailable`
+    saying what is missing and the command to retry unless every file the pipeline needs
+    is there.
     """
     from huggingface_hub import snapshot_download
 
@@ -76,20 +134,19 @@ def download_weights(dest: str | os.PathLike | None = None, repo_id: str = SD15_
     try:
         snapshot_download(repo_id, local_dir=str(dest), allow_patterns=DOWNLOAD_PATTERNS)
     except Exception as err:  # network, auth, disk: all end the same way for the user
-        raise WeightsUnavailable(
-            f"could not download {repo_id} into {dest}: {type(err).__name__}: {err}. "
-            f"Fetch the weights on a machine with internet access with: {DOWNLOAD_COMMAND} --dest {dest}"
+        raise _unavailable(
+            dest, missing_files(dest), f"could not download {repo_id}: {type(err).__name__}: {str(err).rstrip('.')}"
         ) from err
+    missing = missing_files(dest)
+    if missing:
+        raise _unavailable(dest, missing, f"downloading {repo_id} did not complete (no network access?)")
     return dest
 
 
 def ensure_weights(folder: str | os.PathLike | None = None) -> Path:
-    """``folder`` (default :func:`weights_dir`), downloading SD 1.5 into it if it is empty."""
+    """``folder`` (default :func:`weights_dir`), downloading SD 1.5 into it unless it is complete."""
     folder = Path(folder) if folder is not None else weights_dir()
     if not has_weights(folder):
-        print(f"no weights in {folder}; downloading {SD15_REPO_ID} (about 2 GB)", flush=True)
-        try:
-            download_weights(folder)
-        except WeightsUnavailable as err:
-            raise WeightsUnavailable(f"Stable Diffusion 1.5 weights are missing from {folder}, and {err}") from None
+        print(f"no complete weights in {folder}; downloading {SD15_REPO_ID} (about 2 GB)", flush=True)
+        download_weights(folder)
     return folder

@@ -85,6 +85,7 @@ def test_analyze_features_cli_writes_plot_table_and_json(weights, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(prefix.with_suffix(".json").read_text())
+    assert data["environment"]["torch"] and data["command"].startswith("python -m fasterdiff analyze features")
     assert len(data["relative"]) == 3 and len(data["relative"][0]) == len(data["features"])
     assert prefix.with_suffix(".png").stat().st_size > 0 and "decoder / encoder" in prefix.with_suffix(".md").read_text()
 
@@ -122,7 +123,9 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     rows_in_grid = fidelity_report.grid_rows(result)
     assert "stock diffusers" in rows_in_grid and any(f["method"] in rows_in_grid for f in fewer if f["matches"])
     paths = fidelity_report.write(result, tmp_path / "fid", command="test")
-    assert all(p.stat().st_size > 0 for p in paths)
+    assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 4
+    written = json.loads(paths[0].read_text())
+    assert written["command"] == "test" and written["environment"]["torch"] and "_images" not in written
     assert "| stock diffusers | 6 | 6 / 6 | 1.00 |" in paths[1].read_text()
 
 
@@ -133,3 +136,80 @@ def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_pat
     missing = subprocess.run([sys.executable, "-m", "fasterdiff", "benchmark", "fidelity", "--standin", str(tmp_path)],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "python -m fasterdiff.standin.train" in missing.stderr
+
+
+PACKAGE = ROOT / "fasterdiff"
+
+
+def _modules():
+    import ast
+
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text())
+
+
+def test_harness_code_is_shared_not_copied():
+    """One Method, one pass-counting probe, one result writer; no private helper imported across modules."""
+    import ast
+
+    methods, probes, writers, private = [], [], [], []
+    for name, tree in _modules():
+        source = (ROOT / name).read_text()
+        methods += [name for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Method"]
+        if "resnets[0].conv1" in source:
+            probes.append(name)
+        if "environment()" in source and "json.dumps" in source:
+            writers.append(name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert methods == ["fasterdiff/bench/harness.py"]
+    assert probes == ["fasterdiff/bench/harness.py"]
+    assert writers == ["fasterdiff/bench/report.py"]
+    assert private == []
+
+
+def test_pass_counts_follow_the_plan(pipe):
+    import fasterdiff
+    from fasterdiff.bench.harness import count_passes
+
+    fast = fasterdiff.accelerate(pipe)
+    plan = fasterdiff.schedule.resolve("paper", 12)
+    for parallel, decoder_calls in ((False, 12), (True, len(plan.groups))):
+        with count_passes(pipe.unet) as passes:
+            fast("a cat", num_inference_steps=12, height=64, width=64, parallel=parallel, num_images_per_prompt=2,
+                 generator=gen(0), output_type="latent")
+        assert passes.encoder_calls == len(plan.steps) and passes.encoder == [4] * len(plan.steps)  # CFG x 2 images
+        assert passes.decoder_calls == decoder_calls and passes.decoder_steps == 12
+
+
+def test_readme_speed_tables_are_the_generated_ones():
+    from fasterdiff.bench import speed
+
+    readme = (ROOT / "README.md").read_text()
+    header = speed.markdown_table({"rows": []}).splitlines()[0]
+    for name in ("DDIM-50", "DPM-Solver++-20"):
+        generated = (ROOT / "benchmarks" / "results" / f"speed-cpu-{name}.md").read_text()
+        table = "\n".join(line for line in generated.splitlines() if line.startswith("|"))
+        assert table.startswith(header + "\n")
+        assert table in readme, name
+
+
+def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files():
+    result = subprocess.run(
+        [sys.executable, "-m", "fasterdiff", "benchmark", "speed", "--quick", "--steps", "2", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    wrote = next(line for line in result.stdout.splitlines() if line.startswith("wrote "))
+    paths = [ROOT / p for p in wrote.removeprefix("wrote ").split(", ")]
+    try:
+        assert "model: tiny random pipeline" in result.stdout
+        assert paths and all(p.is_file() for p in paths)
+        if (ROOT / ".git").exists():
+            ignored = subprocess.run(["git", "check-ignore", "--no-index", *map(str, paths)], cwd=ROOT,
+                                     capture_output=True, text=True)
+            assert sorted(ignored.stdout.split()) == sorted(str(p) for p in paths), ignored
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)

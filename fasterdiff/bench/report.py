@@ -1,5 +1,5 @@
-"""Benchmark output: JSON, a markdown table and a PNG bar chart, each stamped with
-the machine, the library versions and the exact command."""
+"""Writing a benchmark's or an analysis' result: JSON, a markdown page and figures, each
+stamped with the machine, the library versions and the exact command."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,51 +44,29 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def write(result: dict, prefix: Path, command: str) -> list[Path]:
-    """Write ``prefix``.json, .md and .png; return their paths."""
-    from .speed import markdown_table
+def write(
+    result: dict,
+    prefix: Path,
+    command: str,
+    markdown: Callable[[dict], str],
+    figures: dict[str, Callable[[dict, Path], None]],
+) -> list[Path]:
+    """Write ``prefix``.json, ``prefix``.md and one file per figure; return their paths.
 
+    ``result`` is stamped with ``environment`` and ``command`` first; ``markdown`` and
+    the figures (file suffix -> drawing function) get the stamped result. Keys starting
+    with "_" (images, say) reach them but stay out of the JSON.
+    """
+    prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(result, environment=environment(), command=command)
-    json_path = prefix.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    env = result["environment"]
-    cfg = result["config"]
-    header = (
-        f"Command: `{command}`\n\n"
-        f"Model: {result['model']}; sampler {cfg['sampler']}, {cfg['steps']} steps, "
-        f"{'64 (quick)' if cfg['quick'] else cfg['size']}px, {cfg['rounds']} interleaved rounds after a warm-up.\n\n"
-        f"Machine: {env.get('gpu') or env['processor']} ({env['cpu_count']} CPUs), {env['machine']}; "
-        f"torch {env['torch']}, diffusers {env['diffusers']}; {env['date']}.\n\n"
-    )
-    md_path = prefix.with_suffix(".md")
-    md_path.write_text(header + markdown_table(result) + "\n")
-    png_path = prefix.with_suffix(".png")
-    _bar_chart(result, png_path, command)
-    return [json_path, md_path, png_path]
-
-
-def _bar_chart(result: dict, path: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    names = [r["method"] for r in rows]
-    med = [r["speedup_median"] for r in rows]
-    err = [[m - r["speedup_min"] for m, r in zip(med, rows)], [r["speedup_max"] - m for m, r in zip(med, rows)]]
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
-    ax.barh(names[::-1], med[::-1], xerr=[e[::-1] for e in err], color="#4878a8", capsize=3)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    for y, r in enumerate(rows[::-1]):
-        ax.text(r["speedup_max"] + 0.04, y, f"{r['speedup_median']:.2f}x", va="center", fontsize=8)
-    cfg, env = result["config"], result["environment"]
-    ax.set_xlabel("speedup vs stock diffusers (median, min-max over rounds)")
-    ax.set_title(
-        f"{cfg['sampler']}-{cfg['steps']}, {cfg['size']}px, {env.get('gpu') or env['processor']}", fontsize=9
-    )
-    fig.text(0.01, 0.01, command, fontsize=6, family="monospace")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    stamped = dict(result, environment=environment(), command=command)
+    json_path, md_path = prefix.with_suffix(".json"), prefix.with_suffix(".md")
+    public = {k: v for k, v in stamped.items() if not k.startswith("_")}
+    json_path.write_text(json.dumps(public, indent=1) + "\n")
+    md_path.write_text(markdown(stamped))
+    paths = [json_path, md_path]
+    for suffix, draw in figures.items():
+        path = Path(f"{prefix}{suffix}")
+        draw(stamped, path)
+        paths.append(path)
+    return paths

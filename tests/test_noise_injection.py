@@ -1,0 +1,92 @@
+"""Prior noise injection, step by step: z <- z + alpha * z_T before every step whose
+timestep is below tau, and nowhere else.
+
+The oracle records what the sampler's ``step`` receives and returns at every step: the
+latent a step starts from must be the previous step's result (z_T for the first step)
+plus alpha * z_T exactly when that step's timestep is below tau, and unchanged otherwise.
+z_T is computed independently: the seeded Gaussian scaled by the sampler's initial sigma.
+"""
+
+import pytest
+import torch
+from conftest import gen
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+import fasterdiff
+from fasterdiff.samplers import make_scheduler
+
+SIZE = dict(height=64, width=64)
+ALPHA = 0.5  # large, so an injection is far above float round-off
+STEPS = 10
+SEED = 4
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every scheduler step: (timestep, sample in, sample out)."""
+    steps = []
+    for cls in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        original = cls.step
+
+        def spy(self, model_output, timestep, sample, *args, _original=original, **kwargs):
+            out = _original(self, model_output, timestep, sample, *args, **kwargs)
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            steps.append((int(timestep), sample.clone(), prev.clone()))
+            return out
+
+        monkeypatch.setattr(cls, "step", spy)
+    return steps
+
+
+def initial_noise(pipe, sampler: str) -> torch.Tensor:
+    scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    shape = (1, pipe.unet.config.in_channels, SIZE["height"] // 8, SIZE["width"] // 8)
+    return torch.randn(shape, generator=gen(SEED)) * scheduler.init_noise_sigma
+
+
+CASES = [
+    dict(sampler="DDIM", key_steps="off", parallel=False, tau=500),
+    dict(sampler="DDIM", key_steps="paper", parallel=True, tau=500),
+    dict(sampler="DDIM", key_steps="paper", parallel=False, tau=500),
+    dict(sampler="DPM-Solver++", key_steps="paper", parallel=True, tau=1000),  # every step, the first included
+    dict(sampler="Euler", key_steps=3, parallel=True, tau=500),
+    dict(sampler="DDIM", key_steps="paper", parallel=True, tau=0),  # no step
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_injection_happens_before_exactly_the_steps_below_tau(pipe, recorded, case):
+    fast = fasterdiff.accelerate(pipe)
+    fast("a cat", num_inference_steps=STEPS, sampler=case["sampler"], key_steps=case["key_steps"],
+         parallel=case["parallel"], noise_injection=ALPHA, noise_injection_start=case["tau"],
+         generator=gen(SEED), output_type="latent", **SIZE)
+    assert len(recorded) == STEPS
+    z_T = initial_noise(pipe, case["sampler"])
+    injected = []
+    previous = z_T
+    for i, (t, sample_in, sample_out) in enumerate(recorded):
+        if t < case["tau"]:
+            injected.append(i)
+            torch.testing.assert_close(sample_in - previous, ALPHA * z_T, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(sample_in, previous), f"step {i} (t={t}) changed without injection"
+        previous = sample_out
+    expected = [i for i, (t, _, _) in enumerate(recorded) if t < case["tau"]]
+    assert injected == expected
+    if case["tau"] == 500:
+        assert 0 < len(injected) < STEPS  # the second half only
+    elif case["tau"] == 1000:
+        assert injected == list(range(STEPS))
+    else:
+        assert injected == []
+
+
+def test_zero_strength_injects_nothing(pipe, recorded):
+    fast = fasterdiff.accelerate(pipe, key_steps="paper")
+    fast("a cat", num_inference_steps=STEPS, noise_injection=0.0, noise_injection_start=1000, generator=gen(SEED),
+         output_type="latent", **SIZE)
+    previous = initial_noise(pipe, "DDIM")
+    for t, sample_in, sample_out in recorded:
+        assert torch.equal(sample_in, previous), t
+        previous = sample_out

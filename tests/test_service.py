@@ -1,0 +1,160 @@
+"""The request path shared by predict.py and the CLI: conversion to library arguments,
+one bound per input everywhere, sizes from the model."""
+
+import ast
+import json
+import math
+
+import pytest
+from cog_server import ROOT
+
+import fasterdiff
+from fasterdiff import service
+from fasterdiff.__main__ import build_parser
+from fasterdiff.service import BOUNDS, Generator, Request
+
+
+def predictor_literals(name: str) -> dict:
+    """The keyword literals of predict.py's Input(...) for ``name``."""
+    source = (ROOT / "predict.py").read_text()
+    run = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "run")
+    args = run.args.args[1:]
+    call = run.args.defaults[[a.arg for a in args].index(name)]
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def cli_accepts(flag: str, value) -> bool:
+    try:
+        build_parser().parse_args(["generate", "a cat", flag, repr(value)])
+    except SystemExit:
+        return False
+    return True
+
+
+def test_noise_injection_strength_has_one_bound_everywhere():
+    low, high = BOUNDS["noise_injection_strength"]
+    literals = predictor_literals("noise_injection_strength")
+    assert (literals["ge"], literals["le"]) == (low, high)
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    prop = schema["components"]["schemas"]["Input"]["properties"]["noise_injection_strength"]
+    assert (prop["minimum"], prop["maximum"]) == (low, high)
+    above, below = math.nextafter(high, math.inf), math.nextafter(low, -math.inf)
+    flag = "--noise-injection-strength"
+    assert cli_accepts(flag, low) and cli_accepts(flag, high)
+    assert not cli_accepts(flag, above) and not cli_accepts(flag, below)
+    # the library's noise_injection takes exactly the same range
+    fasterdiff.Settings(noise_injection=low)
+    fasterdiff.Settings(noise_injection=high)
+    for outside in (above, below):
+        with pytest.raises(ValueError, match="noise_injection"):
+            fasterdiff.Settings(noise_injection=outside)
+    for value, ok in ((high, True), (above, False)):
+        try:
+            Request(prompt="a cat", noise_injection_strength=value).validate()
+            assert ok
+        except ValueError as err:
+            assert not ok and "noise_injection_strength" in str(err)
+
+
+def test_a_request_is_converted_once_and_the_library_judges_the_key_steps(pipe, tmp_path, monkeypatch):
+    parsed = []
+    original = service.parse_step_list
+    monkeypatch.setattr(service, "parse_step_list", lambda text: parsed.append(text) or original(text))
+    generator = Generator(pipe)
+    ok = Request(prompt="a cat", num_inference_steps=4, key_step_mode="custom", custom_key_steps="0,2", seed=1,
+                 width=64, height=64)
+    result = generator(ok, tmp_path)
+    assert parsed == ["0,2"] and result.stats.key_steps == (0, 2)
+    bad = Request(prompt="a cat", num_inference_steps=4, key_step_mode="custom", custom_key_steps="0,2,4", seed=1,
+                  width=64, height=64)
+    with pytest.raises(ValueError) as info:
+        generator(bad, tmp_path)
+    # the library's own reason, and the request inputs it came from
+    assert isinstance(info.value.__cause__, ValueError) and str(info.value.__cause__) in str(info.value)
+    assert "4" in str(info.value.__cause__)
+    assert "key_step_mode='custom', custom_key_steps='0,2,4', num_inference_steps=4" in str(info.value)
+
+
+def test_library_arguments_are_what_the_pipeline_takes(pipe):
+    args = Request(prompt="a cat", negative_prompt="a dog", key_step_mode="uniform", uniform_interval=3,
+                   noise_injection_strength=0.01, parallel=False).library_arguments()
+    assert args["key_steps"] == 3 and args["noise_injection"] == 0.01 and args["parallel"] is False
+    assert args["num_images_per_prompt"] == 1 and args["negative_prompt"] == "a dog"
+    fast = fasterdiff.accelerate(pipe)
+    out = fast(**dict(args, num_inference_steps=3, width=64, height=64), output_type="latent")
+    assert out.stats.key_steps == (0,)
+    stock_args = {k: v for k, v in args.items() if k not in service.ACCELERATION_ARGUMENTS}
+    pipe(**dict(stock_args, num_inference_steps=1, width=64, height=64), output_type="latent")
+
+
+def test_sizes_default_to_the_models_native_size_with_a_warning_above_twice_it(pipe, tmp_path):
+    from PIL import Image
+
+    generator = Generator(pipe)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor  # 64 for the tiny pipeline
+    result = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, output_format="png"), tmp_path / "a")
+    assert Image.open(result.paths[0]).size == (native, native)
+    assert not any("warning" in m for m in result.messages)
+    wide = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native + 8, output_format="png"),
+                     tmp_path / "b")
+    assert Image.open(wide.paths[0]).size == (2 * native + 8, native)
+    assert any(f"more than twice this model's native {native}x{native}" in m for m in wide.messages), wide.messages
+    at_twice = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native), tmp_path / "c")
+    assert not any("warning" in m for m in at_twice.messages)
+
+
+def test_a_long_prompts_cut_text_is_logged_once(pipe, tmp_path, capfd):
+    prompt = "a cat " * 20 + "zebra " * 600 + "lastword"  # about 4,000 characters
+    result = Generator(pipe)(Request(prompt=prompt, num_inference_steps=1, seed=1, compare_with_baseline=True),
+                             tmp_path)
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err + "\n".join(result.messages)
+    assert logs.count("lastword") == 1, logs[-2000:]
+    (warning,) = [m for m in result.messages if "CLIP reads only the first 77" in m]
+    assert warning.endswith("lastword'") and "a cat" not in warning
+    assert "Token indices sequence length" not in logs
+
+
+def test_cli_prints_no_torchvision_notice():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fasterdiff", "generate", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--width" in result.stdout
+    assert "torchvision" not in result.stderr, result.stderr
+
+
+class FlagEvery:
+    """A stand-in safety checker: flags images by position (pipelines call it with these arguments)."""
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __call__(self, images, clip_input):
+        return images, [self.flags[i % len(self.flags)] for i in range(len(images))]
+
+
+def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    base = fasterdiff.tiny.tiny_pipeline()
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    req = dict(prompt="a cat", num_inference_steps=1, seed=1, num_outputs=3)
+    for flags, kept in (([True, False, False], 2), ([True], 0)):
+        pipe = service.view(base, feature_extractor=extractor, safety_checker=None)
+        pipe.safety_checker = FlagEvery(flags)  # not a torch module: set after construction
+        generator = Generator(pipe)
+        if kept:
+            result = generator(Request(**req), tmp_path / str(kept))
+            assert len(result.paths) == kept
+            assert "NSFW content detected in 1 image(s); they were left out" in result.messages
+        else:
+            with pytest.raises(RuntimeError, match="NSFW content detected in every image"):
+                generator(Request(**req), tmp_path / "none")
+        unchecked = generator(Request(**req, disable_safety_checker=True), tmp_path / f"unchecked-{kept}")
+        assert len(unchecked.paths) == 3
+    description = predictor_literals("disable_safety_checker")["description"]
+    assert "left out" in description and "blank" not in description
+    readme_row = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| disable_safety_checker"))
+    assert "left out" in readme_row

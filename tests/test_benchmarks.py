@@ -173,7 +173,7 @@ def test_pass_counts_follow_the_plan(pipe):
     import fasterdiff
     from fasterdiff.bench.harness import count_passes
 
-    fast = fasterdiff.accelerate(pipe)
+    fast = fasterdiff.accelerate(pipe, max_batch=None)  # whole groups per call
     plan = fasterdiff.schedule.resolve("paper", 12)
     for parallel, decoder_calls in ((False, 12), (True, len(plan.groups))):
         with count_passes(pipe.unet) as passes:

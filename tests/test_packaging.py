@@ -100,7 +100,7 @@ def test_speed_benchmark_quick_runs_every_method(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert len(rows) == 8, list(rows)
+    assert len(rows) == 10, list(rows)
     assert rows["stock diffusers"]["encoder_calls"] == rows["stock diffusers"]["decoder_calls"] == 10
     paper = resolve("paper", 10)
     assert rows["fasterdiff paper, sequential"]["encoder_calls"] == len(paper.steps)
@@ -108,6 +108,8 @@ def test_speed_benchmark_quick_runs_every_method(tmp_path):
     assert rows["fasterdiff paper, parallel"]["decoder_calls"] == len(paper.groups)
     assert rows["fasterdiff paper, parallel + ToMe (0.5)"]["encoder_calls"] == len(paper.steps)
     assert rows["DeepCache (interval 3, branch 0)"]["encoder_calls"] == 4  # steps 0, 3, 6, 9
+    assert rows["fasterdiff deep (interval 3, branch 0)"]["encoder_calls"] == 4
+    assert rows["fasterdiff deep (interval 3, branch 0)"]["decoder_calls"] == 4  # the deep up block: key steps only
     assert data["command"].startswith("python -m fasterdiff benchmark speed --quick")
     assert "torch" in data["environment"] and data["environment"]["cpu_count"]
     assert out.with_suffix(".png").stat().st_size > 1000

@@ -81,7 +81,7 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
         output_type="latent",
     )
     stock_scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
-    fast = fasterdiff.accelerate(pipe)
+    fast = fasterdiff.accelerate(pipe, max_batch=None)  # unbounded unless a method says otherwise
 
     def stock():
         pipe.scheduler = stock_scheduler
@@ -100,6 +100,8 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
             accelerated(key_steps="paper", parallel=True, max_batch=cfg.max_batch),
         ),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
+        Method("fasterdiff default (paper, max_batch auto)", accelerated(max_batch="auto")),
+        Method("fasterdiff deep (interval 3, branch 0)", accelerated(key_steps=3, reuse="deep")),
     ]
     if installed("DeepCache"):
         methods.append(

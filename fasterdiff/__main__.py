@@ -50,6 +50,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--key-step-mode", choices=KEY_STEP_MODES, default=d.key_step_mode, help="non-uniform = the paper's key steps (default)")
     p.add_argument("--uniform-interval", type=_bounded("uniform_interval"), default=d.uniform_interval, help="2-10, with --key-step-mode uniform (default: 5)")
     p.add_argument("--custom-key-steps", default=d.custom_key_steps, help="e.g. '0,1,2,3,5,10,15,25,35', with --key-step-mode custom")
+    p.add_argument("--forecast", type=_bounded("forecast"), default=d.forecast, help="0-2: how non-key steps get the encoder's features (default: 0, the paper's)")
     p.add_argument("--sequential", dest="parallel", action="store_false", help="decode non-key steps one by one (less memory)")
     p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-1 (default: 0.003, the paper's)")
     p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
@@ -221,7 +222,50 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--dest", help="folder (default: $FASTERDIFF_WEIGHTS or weights/)")
     _add_benchmark(sub)
     _add_analyze(sub)
+    _add_calibrate(sub)
     return parser
+
+
+def _add_calibrate(sub) -> None:
+    c = sub.add_parser(
+        "calibrate",
+        help="measure reuse plans against stock on a model; write the plan file key_step_mode=auto reads",
+        description="Sample calibration prompts with stock and with every candidate plan from the same noise; "
+        "write each plan's PSNR against stock and its cost into the plan file (default: beside the weights).",
+    )
+    c.add_argument("--weights", help="SD-format folder (default: $FASTERDIFF_WEIGHTS or weights/)")
+    c.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="(default: DDIM)")
+    c.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
+    c.add_argument("--pairs", type=_in_range(2, 64), default=None, help="prompt x seed pairs (default: 24 for the stand-in, 32 otherwise)")
+    c.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5)
+    c.add_argument("--size", type=_in_range(32, 1024), default=None, help="image size (default: the model's native size)")
+    c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
+    c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")
+
+
+def _calibrate(args) -> int:
+    from . import calibrate
+    from .standin import PIPELINE_DIR
+    from .weights import load_pipeline, weights_dir
+
+    folder = Path(args.weights or weights_dir())
+    pipe = load_pipeline(folder, local_files_only=True)
+    standin = folder.resolve() == PIPELINE_DIR.resolve()
+    count = args.pairs or (24 if standin else 32)
+    prompts, seeds = calibrate.standin_pairs(count) if standin else calibrate.sd_pairs(count)
+    size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    batch = args.batch or (len(prompts) if pipe.device.type == "cpu" else 4)
+    setting = calibrate.Setting(args.sampler, args.steps, args.guidance_scale, size, size, prompts, seeds, batch)
+    entry = calibrate.calibrate(pipe, setting, weights=str(folder))
+    out = Path(args.out) if args.out else folder / calibrate.PLANS_FILE_NAME
+    calibrate.write_entry(out, entry)
+    stem = out.with_suffix("")
+    table = calibrate.markdown(entry)
+    Path(f"{stem}-{args.sampler}-{args.steps}.md").write_text(table)
+    calibrate.plot(entry, f"{stem}-{args.sampler}-{args.steps}.png")
+    print(table)
+    print(f"wrote {out} and {stem}-{args.sampler}-{args.steps}.{{md,png}}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return _download(args)
         if args.command == "analyze":
             return _analyze(args, argv)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _benchmark(args, argv)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ Every candidate samples the same calibration prompts from the same noise as stoc
 images against stock's, its cost the UNet FLOPs (counted on this model) and the GPU
 time of :mod:`fasterdiff.cost`'s model. Candidates: encoder reuse and DeepCache-style
 deep reuse, each with key steps spaced uniformly or denser towards the start or the
-end of sampling, at several key-step counts, each with forecast order 0, 1 and 2.
+end of sampling, at 5 to 17 key steps, each with forecast order 0, 1 and 2 (deep: 0, 1).
 
 The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
 entry per sampler and step count: what it was calibrated on, and every candidate with
@@ -39,7 +39,7 @@ PLANS_FORMAT_VERSION = 1
 # (mean PSNR over the calibration pairs). 40 dB: differences invisible side by side.
 AUTO_MIN_PSNR = 40.0
 AUTO_FALLBACK = "paper"  # key_steps for a sampler/step count that was not calibrated
-KEY_COUNTS = (5, 7, 10, 13, 17, 25)
+KEY_COUNTS = (5, 7, 10, 13, 17)
 SPACINGS = {"uniform": 1.0, "early": 1.6, "late": 0.6}  # exponent of the key-step spacing
 CALIBRATION_PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
 
@@ -69,7 +69,7 @@ def candidates(unet, num_steps: int) -> list[tuple[str, ReusePlan, str]]:
                     base = encoder_plan(unet, list(keys), num_steps)
                 else:
                     base = deep_plan_from_keys(unet, keys, num_steps)
-                for order in (0, 1, 2):
+                for order in (0, 1, 2) if reuse == "encoder" else (0, 1):
                     name = f"{reuse} {len(keys)} keys {spacing}, forecast {order}"
                     out.append((name, base.with_forecast(order), reuse))
     return out
@@ -202,6 +202,27 @@ def _flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[froze
     return {k: cost.step_flops(unet, k, sample, 500, text) for k in kinds}
 
 
+CALIBRATION_SEED = 1000  # calibration pairs use seeds from here on: benchmarks score seeds 0, 1, 2, ...
+
+
+def standin_pairs(count: int = 32) -> tuple[list[str], list[int]]:
+    """The stand-in's calibration pairs: ``count`` prompts spread over every digit, colour
+    and thickness, each with its own seed from :data:`CALIBRATION_SEED` (disjoint from the
+    fidelity benchmark's seeds)."""
+    from .standin import data
+
+    combos = [a for a, _ in data.benchmark_prompts(1)]
+    step = len(combos) / count
+    prompts = [combos[int(i * step)].prompt for i in range(count)]
+    return prompts, [CALIBRATION_SEED + i for i in range(count)]
+
+
+def sd_pairs(count: int = 32) -> tuple[list[str], list[int]]:
+    """SD 1.5's calibration pairs: the prompts of calibration_prompts.txt, one seed each."""
+    prompts = [p for p in CALIBRATION_PROMPTS.read_text().splitlines() if p.strip()][:count]
+    return prompts, [CALIBRATION_SEED + i for i in range(len(prompts))]
+
+
 # -- the plan file and auto -------------------------------------------------------------
 
 
@@ -267,3 +288,51 @@ def choose(plans_file: str | os.PathLike | None, scheduler, num_inference_steps:
         f"(at least {entry['auto_min_psnr']:.0f}), modelled GPU speedup {speedup:.2f}x",
     )
 
+
+
+def markdown(entry: dict) -> str:
+    """The entry's frontier as a table, fastest first."""
+    stock = entry["stock"]["gpu_seconds_1_image"]
+    lines = [
+        f"Calibration, {entry['sampler']}-{entry['steps']}: {entry['calibrated_on']['pairs']} prompt x seed pairs, "
+        f"guidance {entry['calibrated_on']['guidance_scale']}, {entry['calibrated_on']['width']}x{entry['calibrated_on']['height']}; "
+        f"{len(entry['plans'])} plans measured, the frontier below (auto: the fastest with mean PSNR >= {entry['auto_min_psnr']} dB).",
+        "",
+        "| plan | key steps | PSNR vs stock, mean (min) dB | UNet FLOPs | UNet calls | modelled GPU speedup, 1 / 4 images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in entry["plans"]:
+        if r["frontier"]:
+            lines.append(
+                f"| {r['name']} | {len(r['key_steps'])} | {r['psnr_mean']:.1f} ({r['psnr_min']:.1f}) | {r['unet_flops']:.2f} "
+                f"| {r['unet_calls']} | {stock / r['gpu_seconds_1_image']:.2f}x / "
+                f"{entry['stock']['gpu_seconds_4_images'] / r['gpu_seconds_4_images']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(entry: dict, path: str | os.PathLike) -> None:
+    """Every measured plan: modelled GPU speedup against PSNR, the frontier joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stock = entry["stock"]["gpu_seconds_1_image"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for reuse, marker in (("encoder", "o"), ("deep", "s")):
+        for order, colour in ((0, "tab:blue"), (1, "tab:orange"), (2, "tab:green")):
+            rows = [r for r in entry["plans"] if r["reuse"] == reuse and r["forecast"] == order]
+            if rows:
+                ax.scatter([stock / r["gpu_seconds_1_image"] for r in rows], [r["psnr_mean"] for r in rows],
+                           marker=marker, color=colour, alpha=0.7, label=f"{reuse}, forecast {order}")
+    front = sorted((r for r in entry["plans"] if r["frontier"]), key=lambda r: r["gpu_seconds_1_image"])
+    ax.plot([stock / r["gpu_seconds_1_image"] for r in front], [r["psnr_mean"] for r in front], "k-", lw=1, label="frontier")
+    ax.axhline(entry["auto_min_psnr"], color="grey", ls="--", lw=1, label="auto's tolerance")
+    ax.set_xlabel("modelled GPU speedup vs stock, one image (calls-and-time model, fasterdiff/cost.py)")
+    ax.set_ylabel("PSNR vs stock's images, dB")
+    ax.set_title(f"calibration, {entry['sampler']}-{entry['steps']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -26,9 +26,9 @@ from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
 
-KEY_STEP_MODES = ("non-uniform", "uniform", "custom", "off")
+KEY_STEP_MODES = ("non-uniform", "auto", "uniform", "custom", "off")
 # Call arguments of an accelerated pipeline that stock diffusers does not take.
-ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "parallel", "noise_injection")
+ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "forecast", "parallel", "noise_injection")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
@@ -42,6 +42,7 @@ BOUNDS = {
     "num_outputs": (1, 4),
     "num_inference_steps": (1, 100),
     "uniform_interval": (2, 10),
+    "forecast": (0, 2),
     "noise_injection_strength": (0.0, 1.0),
     "guidance_scale": (1.0, 20.0),
     "seed": (0, MAX_SEED),
@@ -62,6 +63,7 @@ class Request:
     num_inference_steps: int = 50
     key_step_mode: str = "non-uniform"
     uniform_interval: int = 5
+    forecast: int = 0
     custom_key_steps: str = ""
     parallel: bool = True
     noise_injection_strength: float = 0.003
@@ -119,7 +121,9 @@ class Request:
         which uses the same).
         """
         self.validate()
-        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval}.get(self.key_step_mode)
+        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, "auto": "auto"}.get(
+            self.key_step_mode
+        )
         if self.key_step_mode == "custom":
             key_steps = parse_step_list(self.custom_key_steps)
         return dict(
@@ -132,6 +136,7 @@ class Request:
             num_images_per_prompt=self.num_outputs,
             sampler=self.sampler,
             key_steps=key_steps,
+            forecast=self.forecast,
             parallel=self.parallel,
             noise_injection=self.noise_injection_strength,
         )
@@ -139,7 +144,10 @@ class Request:
     def key_step_inputs(self) -> str:
         """The inputs the library's ``key_steps`` comes from, for its error messages."""
         names = {"uniform": ["uniform_interval"], "custom": ["custom_key_steps", "num_inference_steps"]}
-        return ", ".join(f"{n}={getattr(self, n)!r}" for n in ["key_step_mode", *names.get(self.key_step_mode, [])])
+        extra = ["forecast"] if self.forecast else []
+        return ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in ["key_step_mode", *names.get(self.key_step_mode, []), *extra]
+        )
 
 
 @dataclass
@@ -213,7 +221,9 @@ class Generator:
         stats = out.stats
         images, flagged = list(out.images), list(out.nsfw_content_detected or [False] * len(out.images))
         messages += [
-            f"key steps: {list(stats.key_steps)} ({stats.encoder_calls} of {stats.num_steps} steps run the encoder)",
+            f"key steps: {list(stats.key_steps)} ({stats.encoder_calls} of {stats.num_steps} UNet evaluations "
+            f"compute the whole UNet{'; PNDM makes one more than num_inference_steps' if stats.num_steps > req.num_inference_steps else ''})",
+            *([stats.plan] if stats.plan else []),
             f"encoder calls saved: {stats.encoder_calls_saved}",
             f"decoder calls: {stats.decoder_calls} (steps per call: {stats.decoder_steps_per_call})",
             f"fasterdiff seconds: {stats.seconds:.2f}",

@@ -11,7 +11,7 @@ from cog_server import ROOT, CogServer
 from PIL import Image
 
 import fasterdiff
-from fasterdiff.service import BOUNDS
+from fasterdiff.service import KEY_STEP_MODES, BOUNDS
 
 FAST = dict(num_inference_steps=4, width=256, height=256)
 
@@ -64,7 +64,7 @@ def test_openapi_lists_every_input_with_type_default_and_bounds(server):
     props = schema["Input"]["properties"]
     expected = [
         "prompt", "negative_prompt", "width", "height", "num_outputs", "sampler", "num_inference_steps",
-        "key_step_mode", "uniform_interval", "custom_key_steps", "parallel", "noise_injection_strength",
+        "key_step_mode", "uniform_interval", "custom_key_steps", "forecast", "parallel", "noise_injection_strength",
         "guidance_scale", "seed", "output_format", "output_quality", "disable_safety_checker",
         "compare_with_baseline",
     ]
@@ -79,7 +79,8 @@ def test_openapi_lists_every_input_with_type_default_and_bounds(server):
     assert props["parallel"]["type"] == "boolean" and props["parallel"]["default"] is True
     assert props["seed"]["nullable"] is True
     assert schema["sampler"]["enum"] == list(fasterdiff.SAMPLER_NAMES)
-    assert schema["key_step_mode"]["enum"] == ["non-uniform", "uniform", "custom", "off"]
+    assert schema["key_step_mode"]["enum"] == list(KEY_STEP_MODES)
+    assert props["forecast"]["type"] == "integer" and props["forecast"]["default"] == 0
     assert schema["output_format"]["enum"] == ["webp", "jpg", "png"]
     assert props["key_step_mode"]["default"] == "non-uniform"
 

@@ -158,3 +158,27 @@ def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
     assert "left out" in description and "blank" not in description
     readme_row = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| disable_safety_checker"))
     assert "left out" in readme_row
+
+
+def test_forecast_and_auto_reach_the_library_and_pndm_counts_its_extra_evaluation(pipe, tmp_path):
+    gen = Generator(pipe)
+    base = dict(prompt="a cat", width=64, height=64, num_inference_steps=10, seed=3, output_format="png")
+    forecast = gen(Request(**base, key_step_mode="uniform", uniform_interval=3, forecast=1), tmp_path / "f")
+    replay = gen(Request(**base, key_step_mode="uniform", uniform_interval=3), tmp_path / "r")
+    assert forecast.paths[0].read_bytes() != replay.paths[0].read_bytes()
+    auto = gen(Request(**base, key_step_mode="auto"), tmp_path / "a")
+    assert any(m.startswith("auto: no plan file") for m in auto.messages)
+    with pytest.raises(ValueError, match="forecast"):
+        gen(Request(**base, key_step_mode="auto", forecast=1), tmp_path / "x")
+    # PNDM with 10 steps makes 11 UNet evaluations: key steps index those, and the logs say so
+    pndm = gen(Request(**base, sampler="PNDM", key_step_mode="custom", custom_key_steps="0,5,10"), tmp_path / "p")
+    assert pndm.stats.num_steps == 11 and pndm.stats.key_steps == (0, 5, 10)
+    assert any("of 11 UNet evaluations" in m and "PNDM" in m for m in pndm.messages)
+    with pytest.raises(ValueError, match="custom_key_steps"):
+        gen(Request(**base, key_step_mode="custom", custom_key_steps="0,5,10"), tmp_path / "d")  # DDIM: 10 evaluations
+
+
+def test_forecast_has_one_bound_everywhere():
+    literals = predictor_literals("forecast")
+    assert (literals["ge"], literals["le"]) == BOUNDS["forecast"] == (0, max(fasterdiff.plan.FORECAST_ORDERS))
+    assert cli_accepts("--forecast", 2) and not cli_accepts("--forecast", 3)

@@ -119,9 +119,15 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
         Method("fasterdiff paper, parallel", accelerated(key_steps="paper", parallel=True), steps=n),
         Method("fasterdiff paper, no noise injection", accelerated(key_steps="paper", noise_injection=0.0), steps=n),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5), steps=n),
+        Method("fasterdiff paper, forecast 1", accelerated(key_steps="paper", forecast=1), steps=n),
+        Method("fasterdiff uniform-5, forecast 1", accelerated(key_steps=5, forecast=1), steps=n),
+        Method("fasterdiff uniform-3, forecast 1", accelerated(key_steps=3, forecast=1), steps=n),
+        Method("fasterdiff deep (interval 3, branch 0)", accelerated(key_steps=3, reuse="deep"), steps=n),
+        Method("fasterdiff auto (calibrated plan)", accelerated(key_steps="auto"), steps=n),
     ]
     if installed("DeepCache"):
         methods.append(Method("DeepCache (interval 3, branch 0)", stock(n), lambda: deepcache(pipe), steps=n))
+        methods.append(Method("DeepCache (interval 5, branch 0)", stock(n), lambda: deepcache(pipe, 5), steps=n))
     if installed("tomesd"):
         methods.append(Method("ToMe (ratio 0.5)", stock(n), lambda: tome(pipe), steps=n))
         methods.append(

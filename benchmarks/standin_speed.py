@@ -1,0 +1,72 @@
+"""Wall time on this CPU at the stand-in's size, as the predictor serves: one prompt per
+call, 1 and 4 images per prompt, DDIM-50 (or --sampler/--steps), interleaved rounds.
+
+    python benchmarks/standin_speed.py [--rounds 7] [--sampler DDIM] [--steps 50]
+
+Compares stock, DeepCache intervals 3 and 5, and fasterdiff's auto plan and the plans
+named on the command line's defaults (deep reuse with calibrated key steps and forecast).
+Prints a markdown table: seconds per call (median, min-max) and speedup against stock
+within each round.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import fasterdiff  # noqa: E402
+from fasterdiff.bench.harness import deepcache  # noqa: E402
+from fasterdiff.samplers import make_scheduler  # noqa: E402
+from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sampler", default="DDIM")
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    pipe = fasterdiff.load_pipeline(PIPELINE_DIR, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
+    auto = fasterdiff.accelerate(pipe, key_steps="auto", noise_injection=0)
+    chosen = auto("a bold red seven", num_inference_steps=args.steps, output_type="latent").stats.plan
+    methods = {
+        "stock diffusers": (pipe, None),
+        "DeepCache (interval 3)": (pipe, 3),
+        "DeepCache (interval 5)": (pipe, 5),
+        "fasterdiff deep, interval 3, forecast 1": (fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", forecast=1), None),
+        "fasterdiff deep, interval 5, forecast 1": (fasterdiff.accelerate(pipe, key_steps=5, reuse="deep", forecast=1), None),
+        "fasterdiff auto": (auto, None),
+    }
+    print(chosen)
+    print("| images | method | s/call median (min-max) | speedup vs stock median (min-max) |\n|---|---|---|---|")
+    for images in (1, 4):
+        secs = {name: [] for name in methods}
+        for r in range(args.rounds + 1):
+            names = list(methods)[r % len(methods):] + list(methods)[: r % len(methods)]
+            for name in names:
+                p, interval = methods[name]
+                kw = dict(num_inference_steps=args.steps, num_images_per_prompt=images, output_type="latent",
+                          generator=torch.Generator().manual_seed(r))
+                start = time.perf_counter()
+                if interval:
+                    with deepcache(pipe, interval):
+                        p("a bold red seven", **kw)
+                else:
+                    p("a bold red seven", **kw)
+                if r:
+                    secs[name].append(time.perf_counter() - start)
+        for name, s in secs.items():
+            ratios = [a / b for a, b in zip(secs["stock diffusers"], s)]
+            print(f"| {images} | {name} | {statistics.median(s):.3f} ({min(s):.3f}-{max(s):.3f}) | "
+                  f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -160,6 +160,8 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
     on_frontier = {id(r) for r in frontier(rows)}
     for r in rows:
         r["frontier"] = id(r) in on_frontier
+        if not r["frontier"]:  # only frontier plans can be chosen: the rest keep their key steps
+            del r["plan"]
     stock_plan = encoder_plan(pipe.unet, "off", num_steps)
     return {
         "sampler": setting.sampler,

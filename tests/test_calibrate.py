@@ -31,8 +31,9 @@ def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(cal
     assert len(rows) == len(calibrate.candidates(pipe.unet, 8))
     assert {r["reuse"] for r in rows} == {"encoder", "deep"} and {r["forecast"] for r in rows} == {0, 1, 2}
     for r in rows:
-        plan = fasterdiff.ReusePlan.from_json(r["plan"])
-        assert list(plan.key_steps) == r["key_steps"] and 0 < r["unet_flops"] < 1
+        assert 0 < r["unet_flops"] < 1 and ("plan" in r) == r["frontier"]
+        if r["frontier"]:
+            assert list(fasterdiff.ReusePlan.from_json(r["plan"]).key_steps) == r["key_steps"]
         assert r["gpu_seconds_1_image"] < entry["stock"]["gpu_seconds_1_image"]
     front = [r for r in rows if r["frontier"]]
     # no row is both faster and more faithful than a frontier row
@@ -46,7 +47,7 @@ def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(cal
 
 def test_the_recorded_psnr_is_what_the_plan_gives(calibrated):
     pipe, setting, entry, _ = calibrated
-    row = entry["plans"][len(entry["plans"]) // 2]
+    row = [r for r in entry["plans"] if r["frontier"]][-1]
     plan = fasterdiff.ReusePlan.from_json(row["plan"])
     stock = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
     reference = calibrate._sample(stock, setting)

@@ -43,9 +43,9 @@ class Predictor(BaseRunner):
         ),
         num_inference_steps: int = Input(description="Number of denoising steps.", default=50, ge=1, le=100),
         key_step_mode: str = Input(
-            description="Which steps run the UNet encoder: non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), auto = the fastest plan calibrated on these weights that keeps images within 40 dB of stock (the paper's key steps where none was calibrated), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
-            default="non-uniform",
-            choices=["non-uniform", "auto", "uniform", "custom", "off"],
+            description="Which steps run the whole UNet: auto = the fastest plan calibrated on these weights that keeps images within 40 dB of stock (the paper's key steps where none was calibrated), non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
+            default="auto",
+            choices=["auto", "non-uniform", "uniform", "custom", "off"],
         ),
         uniform_interval: int = Input(
             description="With key_step_mode=uniform: run the encoder every this many steps.", default=5, ge=2, le=10

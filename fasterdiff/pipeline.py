@@ -71,7 +71,7 @@ class Settings:
         weights the pipeline was loaded from).
     """
 
-    key_steps: object = "paper"
+    key_steps: object = "auto"
     parallel: bool | None = None
     max_batch: int | str | None = "auto"
     noise_injection: float = 0.003
@@ -84,7 +84,10 @@ class Settings:
     def __post_init__(self):
         if isinstance(self.key_steps, str) and self.key_steps == "auto":
             if self.reuse != "encoder" or self.forecast:
-                raise ValueError("key_steps='auto' picks reuse and forecast from the plan file; leave them unset")
+                raise ValueError(
+                    "reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps='auto' "
+                    "(the default) picks them from the plan file"
+                )
             return
         if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
             raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {self.forecast!r}")
@@ -312,7 +315,7 @@ class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):
 
 def accelerate(
     pipe,
-    key_steps="paper",
+    key_steps="auto",
     parallel: bool | None = None,
     max_batch: int | str | None = "auto",
     noise_injection: float = 0.003,

@@ -26,7 +26,7 @@ from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
 
-KEY_STEP_MODES = ("non-uniform", "auto", "uniform", "custom", "off")
+KEY_STEP_MODES = ("auto", "non-uniform", "uniform", "custom", "off")
 # Call arguments of an accelerated pipeline that stock diffusers does not take.
 ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "forecast", "parallel", "noise_injection")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -61,7 +61,7 @@ class Request:
     num_outputs: int = 1
     sampler: str = "DDIM"
     num_inference_steps: int = 50
-    key_step_mode: str = "non-uniform"
+    key_step_mode: str = "auto"
     uniform_interval: int = 5
     forecast: int = 0
     custom_key_steps: str = ""

@@ -102,7 +102,15 @@ def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> St
         cross_attention_dim=32,
         attention_head_dim=4,
     )
-    vae = AutoencoderKL(
+    vae = tiny_vae()
+    pipe = assemble(tokenizer, text_encoder, vae, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A 4-channel AutoencoderKL down-sampling by 8, as SD 1.5's, a few thousand weights."""
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -113,9 +121,6 @@ def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> St
         norm_num_groups=4,
         sample_size=64,
     )
-    pipe = assemble(tokenizer, text_encoder, vae, unet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def assemble(tokenizer, text_encoder, vae, unet) -> StableDiffusionPipeline:
@@ -168,17 +173,7 @@ def tiny_xl_pipeline(seed: int = 0):
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + pooled text
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(config),

@@ -90,9 +90,9 @@ def test_max_batch_splits_groups_into_chunks(pipe):
     assert dec == [12 * n // 3 for n in expected]
 
 
-def test_paper_schedule_used_by_default(pipe):
+def test_default_is_auto_which_falls_back_to_the_paper_schedule_without_a_plan_file(pipe):
     result = run(fasterdiff.accelerate(pipe), steps=50)
-    assert result.stats.key_steps == paper_key_steps(50)
+    assert result.stats.key_steps == paper_key_steps(50) and "no plan file" in result.stats.plan
     assert result.stats.encoder_calls_saved == 41
 
 

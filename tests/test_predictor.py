@@ -82,7 +82,7 @@ def test_openapi_lists_every_input_with_type_default_and_bounds(server):
     assert schema["key_step_mode"]["enum"] == list(KEY_STEP_MODES)
     assert props["forecast"]["type"] == "integer" and props["forecast"]["default"] == 0
     assert schema["output_format"]["enum"] == ["webp", "jpg", "png"]
-    assert props["key_step_mode"]["default"] == "non-uniform"
+    assert props["key_step_mode"]["default"] == "auto"
 
 
 def test_checked_in_schema_is_what_the_generator_writes():

@@ -150,21 +150,24 @@ def standin_server():
         yield srv
 
 
-@pytest.mark.parametrize("mode", ["off", "non-uniform"])
+@pytest.mark.parametrize("mode", ["off", "non-uniform", "auto"])
 def test_predictor_on_the_standin_draws_what_the_prompt_asks(standin_server, classifier, mode):
     images, wanted = [], []
+    steps = 50 if mode == "auto" else 20  # auto: the stand-in's plan file is calibrated for DDIM-50
     for i, attrs in enumerate(PROMPTS):
         status, body = standin_server.predict(
-            {"prompt": attrs.prompt, "width": 32, "height": 32, "num_inference_steps": 20, "seed": i,
+            {"prompt": attrs.prompt, "width": 32, "height": 32, "num_inference_steps": steps, "seed": i,
              "key_step_mode": mode, "output_format": "png"}
         )
         assert status == 200 and body["status"] == "succeeded", body
+        if mode == "auto":  # the calibrated plan ran, and the logs say which and why
+            assert "auto: 'deep 13 keys uniform, forecast 1'" in body["logs"], body["logs"]
         uri = body["output"][0]
         images.append(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
         wanted.append(attrs)
     assert all(im.size == (32, 32) for im in images)
     acc = score.accuracy(score.classify(classifier, to_tensor(images)), wanted)
-    check_accuracy(acc, "off" if mode == "off" else "paper")
+    check_accuracy(acc, "paper" if mode == "non-uniform" else "off")
 
 
 def test_readme_command_for_the_standin_draws_a_red_seven_at_its_native_size(classifier, tmp_path):

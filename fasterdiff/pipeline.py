@@ -82,13 +82,12 @@ class Settings:
     plans: str | None = None  # the plan file "auto" reads
 
     def __post_init__(self):
-        if isinstance(self.key_steps, str) and self.key_steps == "auto":
-            if self.reuse != "encoder" or self.forecast:
-                raise ValueError(
-                    "reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps='auto' "
-                    "(the default) picks them from the plan file"
-                )
-            return
+        auto = isinstance(self.key_steps, str) and self.key_steps == "auto"
+        if auto and (self.reuse != "encoder" or self.forecast):
+            raise ValueError(
+                "reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps='auto' "
+                "(the default) picks them from the plan file"
+            )
         if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
             raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {self.forecast!r}")
         if self.reuse not in REUSE_KINDS:
@@ -100,7 +99,7 @@ class Settings:
                 )
             if self.parallel:
                 raise ValueError("parallel=True is not possible with reuse='deep': its steps read their own latents")
-        elif not isinstance(self.key_steps, ReusePlan):
+        elif not auto and not isinstance(self.key_steps, ReusePlan):
             schedule.validate_spec(self.key_steps)
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"branch must be an int >= 0, got {self.branch!r}")

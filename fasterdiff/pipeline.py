@@ -174,7 +174,9 @@ class _Accelerated:
         chosen = ""
         if isinstance(settings.key_steps, str) and settings.key_steps == "auto":
             choice = choose(settings.plans, scheduler, call_args["num_inference_steps"], self.unet)
-            settings = dataclasses.replace(settings, key_steps=choice.key_steps, reuse=choice.reuse)
+            # parallel=True asks to batch where the plan allows; a deep plan does not
+            parallel = None if settings.parallel and choice.reuse == "deep" else settings.parallel
+            settings = dataclasses.replace(settings, key_steps=choice.key_steps, reuse=choice.reuse, parallel=parallel)
             chosen = choice.reason
             log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))

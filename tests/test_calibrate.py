@@ -75,6 +75,17 @@ def test_auto_takes_the_fastest_frontier_plan_within_tolerance(calibrated, monke
     assert list(loose_stats.key_steps) == fastest["key_steps"]
 
 
+def test_auto_with_parallel_true_runs_a_deep_plan_sequentially(calibrated, tmp_path):
+    pipe, _, entry, _ = calibrated
+    deep = [r for r in entry["plans"] if r["frontier"] and r["reuse"] == "deep"]
+    only_deep = dict(entry, plans=deep[:1], auto_min_psnr=0.0)
+    path = tmp_path / "deep.json"
+    calibrate.write_entry(path, only_deep)
+    fast = fasterdiff.accelerate(pipe, key_steps="auto", plans=path, parallel=True)
+    stats = fast("a cat", sampler="DDIM", num_inference_steps=8, output_type="latent", height=32, width=32).stats
+    assert list(stats.key_steps) == deep[0]["key_steps"] and stats.decoder_steps_per_call == [1] * 8
+
+
 def test_auto_falls_back_to_the_paper_plan_where_not_calibrated(calibrated):
     pipe, _, _, path = calibrated
     fast = fasterdiff.accelerate(pipe, key_steps="auto", plans=path)

@@ -181,7 +181,7 @@ class _Accelerated:
             log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
         parallel = plan.batchable if settings.parallel is None else settings.parallel
-        state = _CallState(settings, plan)
+        state = _CallState(settings)
 
         def timesteps():
             return self.scheduler.timesteps
@@ -202,6 +202,8 @@ class _Accelerated:
                     "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
                     "or a lower guidance_scale)"
                 )
+            else:
+                state.final_latents = latents  # what the VAE decodes
             run.stats.denoise_seconds = time.perf_counter() - started
             return {**outputs, "latents": latents}
 
@@ -240,9 +242,10 @@ class _Accelerated:
 class _CallState:
     """Noise injection and batch sizing for one call."""
 
-    def __init__(self, settings: Settings, plan: ReusePlan):
-        self.settings, self.plan = settings, plan
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.z_T: torch.Tensor | None = None
+        self.final_latents: torch.Tensor | None = None
         self.run: Run | None = None
 
     def start(self, z_T: torch.Tensor, images: int) -> None:
@@ -303,9 +306,20 @@ class FasterDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
     _output_class = FasterDiffusionOutput
 
     def run_safety_checker(self, image, device, dtype):
+        state = self._fasterdiff_state
+        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32 and state is not None:
+            log.warning("the VAE decoder overflowed in %s; decoding again in float32", self.vae.dtype)
+            image = self._decode_in_float32(state.final_latents)
+            state.run.stats.decoded_in_float32 = True
         if not torch.isfinite(image).all():
             raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
         return super().run_safety_checker(image, device, dtype)
+
+    @torch.no_grad()
+    def _decode_in_float32(self, latents: torch.Tensor) -> torch.Tensor:
+        """Stock's decode of the final latents with a float32 copy of the VAE (freed after)."""
+        vae = copy.deepcopy(self.vae).to(torch.float32)
+        return vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
 
 
 class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):

@@ -45,6 +45,7 @@ class RunStats:
     denoise_seconds: float = 0.0
     seconds: float = 0.0
     plan: str = ""  # with key_steps="auto": which plan ran and why
+    decoded_in_float32: bool = False  # the VAE overflowed in half precision and decoded again
 
     @property
     def encoder_calls_saved(self) -> int:
@@ -62,6 +63,7 @@ class RunStats:
             "denoise_seconds": round(self.denoise_seconds, 4),
             "seconds": round(self.seconds, 4),
             "plan": self.plan,
+            "decoded_in_float32": self.decoded_in_float32,
         }
 
 

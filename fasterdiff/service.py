@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,11 +178,13 @@ def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipe
 class Generator:
     """Holds the stock and accelerated pipelines (with and without safety checker)."""
 
-    def __init__(self, pipe: StableDiffusionPipeline):
+    def __init__(self, pipe: StableDiffusionPipeline, compile: bool | dict = False):
         self.device = pipe.device
         unchecked = without_safety_checker(pipe) if pipe.safety_checker is not None else pipe
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
-        self.fast = {False: accelerate(pipe), True: accelerate(unchecked)}
+        self.fast = {False: accelerate(pipe, compile=compile), True: accelerate(unchecked, compile=compile)}
+        if compile:  # one compiled UNet for both, so that one warm-up serves both
+            self.fast[True].unet = self.fast[False].unet
         self.base_scheduler_config = pipe.scheduler.config
         # The size a model was trained at (512 for SD 1.5, 32 for the stand-in): the default.
         # Below half of it a model draws broken images (refused); above twice it, repeated
@@ -228,6 +231,8 @@ class Generator:
             f"decoder calls: {stats.decoder_calls} (steps per call: {stats.decoder_steps_per_call})",
             f"fasterdiff seconds: {stats.seconds:.2f}",
         ]
+        if stats.decoded_in_float32:
+            messages.append("warning: the VAE overflowed in half precision; the images were decoded again in float32")
         if stats.out_of_memory_retries:
             messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
         baseline_seconds = None
@@ -257,6 +262,27 @@ class Generator:
             raise RuntimeError("NSFW content detected in every image. Try another prompt or seed.")
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats, baseline_seconds, messages)
+
+
+    def warm_up(self) -> float:
+        """One default request at the native size, thrown away: the first real prediction
+        does not pay for CUDA start-up or compiling. Returns its seconds."""
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            self(Request(prompt="a lighthouse on a cliff at dusk", seed=0, disable_safety_checker=True), tmp)
+        return time.perf_counter() - start
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case); unset: ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
 
 
 # diffusers logs the cut text of a long prompt at every encode_prompt; the messages above say it once.

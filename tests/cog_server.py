@@ -105,11 +105,11 @@ class CogServer:
 
 
 @contextlib.contextmanager
-def running(weights: Path):
-    """A server set up on ``weights``, READY, stopped afterwards."""
-    srv = CogServer(weights)
+def running(weights: Path, extra_env: dict | None = None):
+    """A server set up on ``weights``, READY (its health check in ``srv.health``), stopped afterwards."""
+    srv = CogServer(weights, extra_env)
     try:
-        health = srv.wait_setup()
+        health = srv.health = srv.wait_setup()
         assert health["status"] == "READY", health
         yield srv
     finally:

@@ -29,8 +29,8 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(weights):
-    """cog's real HTTP server on predict.py, set up on the tiny weights."""
+    """cog's real HTTP server on predict.py, set up on the tiny weights, with a warm-up."""
     from cog_server import running
 
-    with running(weights) as srv:
+    with running(weights, {"FASTERDIFF_WARMUP": "1"}) as srv:
         yield srv

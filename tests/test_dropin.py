@@ -274,3 +274,41 @@ def test_compile_option_pads_batches_so_few_graphs_are_compiled():
     # groups of 1..14 steps run as batches of 1, 2, 4, 8 or 16: the graphs stop growing
     assert frames[-1] == frames[-2] == frames[-3]
     assert pipe.unet is not fast.unet and fast.unet._orig_mod is pipe.unet
+
+
+def _with_ip_adapter(p, embed_dim=12):
+    """Random IP-Adapter weights (image projection + per cross-attention k/v) loaded into ``p.unet``."""
+    unet, torch_gen = p.unet, torch.Generator().manual_seed(3)
+    cad = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(4 * cad, embed_dim, generator=torch_gen) * 0.1,
+        "proj.bias": torch.zeros(4 * cad),
+        "norm.weight": torch.ones(cad),
+        "norm.bias": torch.zeros(cad),
+    }
+    ip_layers, key_id = {}, 1
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+            for kv in ("to_k_ip", "to_v_ip"):
+                ip_layers[f"{key_id}.{kv}.weight"] = torch.randn(hidden, cad, generator=torch_gen) * 0.1
+            key_id += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}])
+    return p
+
+
+def test_ip_adapter_image_embeds():
+    p = _with_ip_adapter(tiny_pipeline())
+    embeds = [torch.randn(2, 1, 12, generator=torch.Generator().manual_seed(4))]  # negative, positive
+    expected = np_images(p, ip_adapter_image_embeds=embeds)
+    other = np_images(p, ip_adapter_image_embeds=[-e for e in embeds])
+    assert np.abs(expected - other).max() > 1e-3  # the embeddings reach the image
+    fast = fasterdiff.accelerate(p, key_steps="off", noise_injection=0)
+    assert np.abs(np_images(fast, ip_adapter_image_embeds=embeds) - expected).max() <= 1e-5
+    # the image embeddings follow every step of a batched group
+    seq = np_images(fasterdiff.accelerate(p, key_steps=3, parallel=False), ip_adapter_image_embeds=embeds)
+    par = fasterdiff.accelerate(p, key_steps=3, parallel=True)(
+        "a cat", num_inference_steps=6, generator=gen(), output_type="np", ip_adapter_image_embeds=embeds, **SIZE
+    )
+    assert max(par.stats.decoder_steps_per_call) > 1
+    assert np.abs(par.images - seq).max() <= 1e-4

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,21 @@ def test_missing_weights_offline_fail_setup_with_the_download_command(tmp_path, 
     assert "Setup has not finished yet" in json.dumps(body), (status, body)
     limits = (ROOT / "README.md").read_text().split("## Limits and errors", 1)[1]
     assert "Setup has not finished yet" in limits and "SETUP_FAILED" in limits
+
+
+def test_setup_warms_up_and_says_how_long_it_took(server):
+    logs = server.health["setup"]["logs"]
+    assert re.search(r"warm-up: \d+\.\d s \(compile: False\)", logs), logs
+
+
+def test_a_bad_setting_in_the_environment_fails_setup_naming_it(weights):
+    srv = CogServer(weights, extra_env={"FASTERDIFF_COMPILE": "fast"})
+    try:
+        health = srv.wait_setup()
+    finally:
+        srv.stop()
+    assert health["status"] == "SETUP_FAILED"
+    assert "FASTERDIFF_COMPILE must be 1/true/yes/on or 0/false/no/off, got 'fast'" in health["setup"]["logs"]
 
 
 def test_cli_generates_a_file(weights, tmp_path):

@@ -2,6 +2,7 @@
 isolation between runs, determinism, no outside access."""
 
 import contextlib
+import copy
 import gc
 import logging
 import os
@@ -216,3 +217,19 @@ def test_prompt_beyond_77_tokens_is_truncated_with_a_warning(pipe, tmp_path):
     result = Generator(pipe)(Request(prompt=long_prompt, num_inference_steps=2, width=256, height=256, seed=1),
                              tmp_path)
     assert any("tokens; CLIP reads only the first 77" in m for m in result.messages)
+
+
+def test_half_precision_vae_overflow_is_decoded_again_in_float32():
+    half = fasterdiff.tiny.tiny_pipeline().to(torch.bfloat16)  # the CPU's half precision
+    # the decoder overflows in half precision only (as SD VAEs can in float16)
+    half.vae.decoder.register_forward_hook(lambda _m, _a, out: out * float("nan") if out.dtype != torch.float32 else out)
+    fast = fasterdiff.accelerate(half, key_steps="off", noise_injection=0)
+    result = fast("a cat", num_inference_steps=3, generator=gen(), output_type="np", **SIZE)
+    assert result.stats.decoded_in_float32 and np.isfinite(result.images).all()
+    latents = half("a cat", num_inference_steps=3, generator=gen(), output_type="latent", **SIZE).images
+    vae = copy.deepcopy(half.vae).float()
+    with torch.no_grad():
+        pixels = vae.decode(latents.float() / vae.config.scaling_factor).sample
+    expected = half.image_processor.postprocess(pixels, output_type="np")
+    assert np.abs(result.images - expected).max() <= 1e-6
+    assert half.vae.dtype == torch.bfloat16  # the pipeline's own VAE is left as it was

@@ -182,3 +182,18 @@ def test_forecast_has_one_bound_everywhere():
     literals = predictor_literals("forecast")
     assert (literals["ge"], literals["le"]) == BOUNDS["forecast"] == (0, max(fasterdiff.plan.FORECAST_ORDERS))
     assert cli_accepts("--forecast", 2) and not cli_accepts("--forecast", 3)
+
+
+def test_warm_up_compiles_what_a_default_request_needs(pipe, tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    generator = Generator(pipe, compile={"backend": counter})
+    assert generator.fast[True].unet is generator.fast[False].unet  # one compiled UNet
+    assert generator.warm_up() > 0
+    frames = counter.frame_count
+    assert frames > 0
+    for checked in (False, True):
+        result = generator(Request(prompt="a dog", seed=5, disable_safety_checker=checked), tmp_path)
+        assert result.stats.encoder_calls < result.stats.num_steps
+    assert counter.frame_count == frames  # the first real requests compile nothing new

@@ -119,6 +119,15 @@ class Settings:
     def plan(self, unet, num_steps: int) -> ReusePlan:
         return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch, self.forecast)
 
+    def without_auto(self, scheduler, num_inference_steps: int, unet) -> tuple[Settings, str]:
+        """With key_steps="auto": the settings of the plan it picks, and why; else these."""
+        if not (isinstance(self.key_steps, str) and self.key_steps == "auto"):
+            return self, ""
+        choice = choose(self.plans, scheduler, num_inference_steps, unet)
+        # parallel=True asks to batch where the plan allows; a deep plan does not
+        parallel = None if self.parallel and choice.reuse == "deep" else self.parallel
+        return dataclasses.replace(self, key_steps=choice.key_steps, reuse=choice.reuse, parallel=parallel), choice.reason
+
     def steps_per_call(self, images: int) -> int | str | None:
         if self.max_batch is None or self.max_batch == "auto":
             return self.max_batch
@@ -171,13 +180,8 @@ class _Accelerated:
         if sampler is not None:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
-        chosen = ""
-        if isinstance(settings.key_steps, str) and settings.key_steps == "auto":
-            choice = choose(settings.plans, scheduler, call_args["num_inference_steps"], self.unet)
-            # parallel=True asks to batch where the plan allows; a deep plan does not
-            parallel = None if settings.parallel and choice.reuse == "deep" else settings.parallel
-            settings = dataclasses.replace(settings, key_steps=choice.key_steps, reuse=choice.reuse, parallel=parallel)
-            chosen = choice.reason
+        settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet)
+        if chosen:
             log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
         parallel = plan.batchable if settings.parallel is None else settings.parallel

@@ -9,6 +9,7 @@ import torch
 from cog_server import ROOT
 from conftest import gen
 
+import fasterdiff
 from fasterdiff import features
 from fasterdiff.bench.fidelity import reuse_noise_prediction
 
@@ -104,6 +105,8 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     seq, par = "fasterdiff paper, sequential", "fasterdiff paper, parallel"
     assert (images[seq] - images[par]).abs().max() < 1e-3
     assert rows[seq]["encoder_calls"] == 4 and rows[seq]["decoder_steps"] == 6 and rows[par]["decoder_steps"] == 6
+    gpu = {k: rows[k]["gpu_seconds_modelled"] for k in (par, seq, "stock diffusers")}
+    assert gpu[par] < gpu[seq] < gpu["stock diffusers"] == pytest.approx(6 * fasterdiff.cost.GPU_SECONDS[1]["full"])
     assert 0.5 < rows[seq]["unet_cost"] < 1.0 and rows[seq]["unet_cost"] == pytest.approx(rows[par]["unet_cost"], rel=1e-6)
     reuse = rows["control: reuse whole noise prediction, paper key steps"]
     assert reuse["encoder_calls"] == 4 and reuse["decoder_steps"] == 4
@@ -120,6 +123,9 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     mse = ((other - images["stock diffusers"]) / 2).pow(2).flatten(1).mean(1)
     assert rows["control: stock, 3 steps"]["psnr_vs_stock"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
     assert result["real"]["reference"]["distinct_digits"] == 6
+    for r in result["rows"]:  # the paired counts account for the accuracy difference
+        p = r["paired_vs_stock"]
+        assert round((r["accuracy"]["all"] - stock["accuracy"]["all"]) * 6) == p["gained"] - p["lost"]
     rows_in_grid = fidelity_report.grid_rows(result)
     assert "stock diffusers" in rows_in_grid and any(f["method"] in rows_in_grid for f in fewer if f["matches"])
     paths = fidelity_report.write(result, tmp_path / "fid", command="test")
@@ -213,3 +219,14 @@ def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files():
     finally:
         for p in paths:
             p.unlink(missing_ok=True)
+
+
+def test_paired_comparison_counts_discordant_pairs_with_mcnemars_exact_p():
+    from fasterdiff.bench.fidelity import paired_comparison
+
+    stock = [1, 1, 1, 1, 1, 1, 0, 0, 1]
+    worse = [0, 0, 0, 0, 0, 0, 0, 0, 1]  # six lost, none gained: p = 2 / 2**6
+    assert paired_comparison(worse, stock) == {"gained": 0, "lost": 6, "p": 2 / 64}
+    mixed = [0, 0, 1, 1, 1, 1, 1, 1, 1]  # two lost, two gained
+    assert paired_comparison(mixed, stock) == {"gained": 2, "lost": 2, "p": 1.0}
+    assert paired_comparison(stock, stock)["p"] == 1.0

@@ -28,7 +28,9 @@ def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(cal
     data = json.loads(path.read_text())
     assert data["version"] == calibrate.PLANS_FORMAT_VERSION and list(data["entries"]) == ["DDIM-8"]
     rows = entry["plans"]
-    assert len(rows) == len(calibrate.candidates(pipe.unet, 8))
+    grid = calibrate.candidates(pipe.unet, 8)
+    assert sorted(r["name"] for r in rows if "refined" not in r["name"]) == sorted(n for n, _, _ in grid)
+    assert calibrate.DEEPCACHE_3 in {r["name"] for r in rows}
     assert {r["reuse"] for r in rows} == {"encoder", "deep"} and {r["forecast"] for r in rows} == {0, 1, 2}
     for r in rows:
         assert 0 < r["unet_flops"] < 1 and ("plan" in r) == r["frontier"]
@@ -43,6 +45,25 @@ def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(cal
     by = {(r["reuse"], tuple(r["key_steps"]), r["forecast"]): r for r in rows}
     enc, deep = by[("encoder", (0, 2, 3, 5, 6), 0)], by[("deep", (0, 2, 3, 5, 6), 0)]
     assert deep["unet_flops"] < enc["unet_flops"]
+
+
+def test_greedy_search_drops_key_steps_while_within_tolerance(monkeypatch):
+    pipe = tiny_pipeline()
+    setting = calibrate.Setting(prompts=["a cat", "a dog", "a red cat"], seeds=[5, 6, 7], batch=3, **SETTING)
+    # random weights: a low tolerance, so that there is a plan to start from and room to drop keys
+    monkeypatch.setattr(calibrate, "AUTO_MIN_PSNR", 12.0)
+    entry = calibrate.calibrate(pipe, setting, progress=False)
+    grid = [r for r in entry["plans"] if "refined" not in r["name"]]
+    refined = [r for r in entry["plans"] if "refined" in r["name"]]
+    start = min((r for r in grid if r["psnr_mean"] >= 12.0), key=lambda r: r["gpu_seconds_1_image"])
+    assert refined, "nothing dropped"
+    previous = start
+    for r in sorted(refined, key=lambda r: -len(r["key_steps"])):
+        # each round drops one key step of the last plan, keeps its family and the tolerance
+        assert set(r["key_steps"]) < set(previous["key_steps"]) and len(r["key_steps"]) == len(previous["key_steps"]) - 1
+        assert (r["reuse"], r["forecast"]) == (start["reuse"], start["forecast"])
+        assert r["psnr_mean"] >= 12.0 and r["gpu_seconds_1_image"] < previous["gpu_seconds_1_image"]
+        previous = r
 
 
 def test_the_recorded_psnr_is_what_the_plan_gives(calibrated):

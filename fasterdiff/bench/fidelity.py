@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 import fasterdiff
 
-from .. import schedule
+from .. import cost, schedule
 from ..samplers import DETERMINISTIC_SAMPLERS, make_scheduler
 from ..standin import STANDIN_DIR, data, require, score
 from .harness import Method, count_passes, deepcache, installed, tome
@@ -113,21 +114,38 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
 
         return run
 
+    scheduler = make_scheduler(cfg.sampler, base_config)
+
+    def modelled(**settings) -> float:
+        """Modelled GPU seconds of one image (fasterdiff.cost) with these settings."""
+        s, _ = dataclasses.replace(fast.settings, **settings).without_auto(scheduler, n, pipe.unet)
+        plan = s.plan(pipe.unet, n)
+        return cost.gpu_seconds(plan, plan.batchable if s.parallel is None else s.parallel, deep=s.reuse == "deep")
+
+    def acc(name: str, **settings) -> Method:
+        return Method(name, accelerated(**settings), steps=n, gpu_seconds=modelled(**settings))
+
     methods = [
-        Method("stock diffusers", stock(n), kind="stock", steps=n),
-        Method("fasterdiff paper, sequential", accelerated(key_steps="paper", parallel=False), steps=n),
-        Method("fasterdiff paper, parallel", accelerated(key_steps="paper", parallel=True), steps=n),
-        Method("fasterdiff paper, no noise injection", accelerated(key_steps="paper", noise_injection=0.0), steps=n),
-        Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5), steps=n),
-        Method("fasterdiff paper, forecast 1", accelerated(key_steps="paper", forecast=1), steps=n),
-        Method("fasterdiff uniform-5, forecast 1", accelerated(key_steps=5, forecast=1), steps=n),
-        Method("fasterdiff uniform-3, forecast 1", accelerated(key_steps=3, forecast=1), steps=n),
-        Method("fasterdiff deep (interval 3, branch 0)", accelerated(key_steps=3, reuse="deep"), steps=n),
-        Method("fasterdiff auto (calibrated plan)", accelerated(key_steps="auto"), steps=n),
+        Method("stock diffusers", stock(n), kind="stock", steps=n, gpu_seconds=modelled(key_steps="off")),
+        acc("fasterdiff paper, sequential", key_steps="paper", parallel=False),
+        acc("fasterdiff paper, parallel", key_steps="paper", parallel=True),
+        acc("fasterdiff paper, no noise injection", key_steps="paper", noise_injection=0.0),
+        acc("fasterdiff uniform-5, parallel", key_steps=5),
+        acc("fasterdiff paper, forecast 1", key_steps="paper", forecast=1),
+        acc("fasterdiff uniform-5, forecast 1", key_steps=5, forecast=1),
+        acc("fasterdiff uniform-3, forecast 1", key_steps=3, forecast=1),
+        acc("fasterdiff deep (interval 3, branch 0)", key_steps=3, reuse="deep"),
+        acc("fasterdiff auto (calibrated plan)", key_steps="auto"),
     ]
     if installed("DeepCache"):
-        methods.append(Method("DeepCache (interval 3, branch 0)", stock(n), lambda: deepcache(pipe), steps=n))
-        methods.append(Method("DeepCache (interval 5, branch 0)", stock(n), lambda: deepcache(pipe, 5), steps=n))
+        for interval in (3, 5):
+            methods.append(
+                Method(
+                    f"DeepCache (interval {interval}, branch 0)", stock(n),
+                    lambda interval=interval: deepcache(pipe, interval), steps=n,
+                    gpu_seconds=modelled(key_steps=interval, reuse="deep"),
+                )
+            )
     if installed("tomesd"):
         methods.append(Method("ToMe (ratio 0.5)", stock(n), lambda: tome(pipe), steps=n))
         methods.append(
@@ -142,6 +160,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
                 lambda keys=keys: reuse_noise_prediction(pipe.unet, keys),
                 kind="eps reuse",
                 steps=n,
+                gpu_seconds=len(keys) * cost.GPU_SECONDS[1]["full"],
             )
         )
     return methods
@@ -151,8 +170,8 @@ def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]
     """Stock at the step count of each method's cost, and at the sweep's fractions."""
     n = cfg.steps
     wanted: dict[int, list[str]] = {}
-    for name, cost in costs.items():
-        wanted.setdefault(max(1, round(n * cost)), []).append(name)
+    for name, flops in costs.items():
+        wanted.setdefault(max(1, round(n * flops)), []).append(name)
     for frac in cfg.sweep:
         wanted.setdefault(max(2, round(n * frac)), [])
     methods = []
@@ -161,7 +180,10 @@ def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]
             continue
         run = stock_sampler(pipe, cfg, base_config, steps)
         methods.append(
-            Method(f"control: stock, {steps} steps", run, kind="fewer steps", steps=steps, matches=wanted[steps])
+            Method(
+                f"control: stock, {steps} steps", run, kind="fewer steps", steps=steps, matches=wanted[steps],
+                gpu_seconds=steps * cost.GPU_SECONDS[1]["full"],
+            )
         )
     return methods
 
@@ -249,6 +271,7 @@ def _scores(s: score.Scores, wanted, real_features, chunk: int, images=None, sto
     row = {
         "accuracy": acc,
         "accuracy_all_ci95": score.bootstrap(hits.astype(float), np.mean),
+        "hits": hits.astype(int).tolist(),  # per pair: every attribute right
         "frechet_distance": score.frechet_distance(s.features, real_features),
         "frechet_distance_per_seed": per_chunk,
     }
@@ -258,6 +281,17 @@ def _scores(s: score.Scores, wanted, real_features, chunk: int, images=None, sto
         row["psnr_vs_stock_ci95"] = score.bootstrap(p, np.mean)
         row["ssim_vs_stock"] = float(np.mean(score.ssim(images, stock_images)))
     return row
+
+
+def paired_comparison(hits, stock_hits) -> dict:
+    """Pairs a method gets right where stock is wrong (gained) and the reverse (lost), with
+    McNemar's exact two-sided p-value: how likely so uneven a split is if the method and
+    stock were equally accurate. Accuracies a few pairs apart are not a difference."""
+    gained = sum(1 for a, b in zip(hits, stock_hits) if a and not b)
+    lost = sum(1 for a, b in zip(hits, stock_hits) if b and not a)
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
 
 
 def run(cfg: Config) -> dict:
@@ -314,6 +348,7 @@ def run(cfg: Config) -> dict:
                 "encoder_calls": r["calls"]["encoder"],
                 "decoder_steps": round(r["calls"]["decoder_steps"], 2),
                 "unet_cost": m.unet_cost,
+                "gpu_seconds_modelled": m.gpu_seconds,
                 "speedup_median": statistics.median(ratios),
                 "speedup_min": min(ratios),
                 "speedup_max": max(ratios),
@@ -329,6 +364,8 @@ def run(cfg: Config) -> dict:
                 ),
             }
         )
+    for r in rows:
+        r["paired_vs_stock"] = paired_comparison(r["hits"], rows[0]["hits"])
     held = np.load(folder / "heldout.npz")
     _, val = data.classifier_split(held["labels"])
     val_wanted = [

@@ -26,17 +26,30 @@ def _spread(values) -> str:
     return f"{min(values):.3g}-{max(values):.3g}"
 
 
+def _gpu(row: dict, stock_seconds: float | None) -> str:
+    seconds = row.get("gpu_seconds_modelled")
+    return "-" if not seconds or not stock_seconds else f"{stock_seconds / seconds:.2f}x"
+
+
+def _paired(row: dict) -> str:
+    p = row.get("paired_vs_stock")
+    if p is None or row["kind"] == "stock":
+        return "-"
+    return f"+{p['gained']} / -{p['lost']} ({p['p']:.2g})"
+
+
 def markdown_table(result: dict) -> str:
     lines = [
-        "| method | steps | enc / dec steps | UNet FLOPs vs stock | speedup median (min-max) | accuracy all (95% CI) | digit / colour / thickness | Frechet distance (per seed min-max) | PSNR vs stock dB | SSIM vs stock |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | enc / dec steps | UNet FLOPs vs stock | modelled GPU speedup, 1 image | CPU speedup median (min-max) | accuracy all (95% CI) | vs stock: pairs gained / lost (McNemar p) | digit / colour / thickness | Frechet distance (per seed min-max) | PSNR vs stock dB | SSIM vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    stock_gpu = result["rows"][0].get("gpu_seconds_modelled")
     for r in result["rows"]:
         a = r["accuracy"]
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['encoder_calls']} / {r['decoder_steps']:g} | {r['unet_cost']:.2f} "
-            f"| {r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) "
-            f"| {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
+            f"| {_gpu(r, stock_gpu)} | {r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) "
+            f"| {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | {_paired(r)} | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
             f"| {r['frechet_distance']:.2f} ({_spread(r['frechet_distance_per_seed'])}) | {min(r['psnr_vs_stock'], 99.99):.2f} | {r['ssim_vs_stock']:.4f} |"
         )
     real = result["real"]
@@ -47,7 +60,7 @@ def markdown_table(result: dict) -> str:
         r = real[key]
         a = r["accuracy"]
         lines.append(
-            f"| {label} | - | - | - | - | {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
+            f"| {label} | - | - | - | - | - | {a['all']:.3f} ({_ci(r['accuracy_all_ci95'])}) | - | {a['digit']:.3f} / {a['color']:.3f} / {a['thickness']:.3f} "
             f"| {r['frechet_distance']:.2f} ({_spread(r['frechet_distance_per_seed'])}) | - | - |"
         )
     a = real["reference"]["accuracy"]
@@ -61,10 +74,23 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _x(row: dict) -> float:
-    """The frontier's x: speedup in UNet FLOPs. Wall-time speedups (in the table) depend on
-    the hardware and batch; on a CPU, parallel decoding of a large batch gains no time."""
-    return 1.0 / row["unet_cost"]
+def _flops_x(rows: list[dict]):
+    """Speedup in UNet FLOPs. Wall-time speedups (in the table) depend on the hardware and
+    batch; on a CPU, parallel decoding of a large batch gains no time."""
+    return lambda row: 1.0 / row["unet_cost"]
+
+
+def _gpu_x(rows: list[dict]):
+    """Speedup in modelled GPU time, one image (fasterdiff.cost: calls and batched steps
+    timed on an H200); None where a method has no model (ToMe)."""
+    stock = rows[0].get("gpu_seconds_modelled")
+    return lambda row: stock / row["gpu_seconds_modelled"] if stock and row.get("gpu_seconds_modelled") else None
+
+
+AXES = (
+    (_flops_x, "speedup vs stock in UNet FLOPs (1 / FLOPs ratio)"),
+    (_gpu_x, "modelled GPU speedup vs stock, one image (fasterdiff/cost.py, H200 timings)"),
+)
 
 
 def frontier_plot(result: dict, path: Path) -> None:
@@ -74,60 +100,48 @@ def frontier_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, grid_axes = plt.subplots(2, 3, figsize=(16, 9.5))
     metrics = (
         ("frechet_distance", "Frechet distance to real (lower is better)"),
         ("psnr_vs_stock", "PSNR vs stock, dB (higher is better)"),
         ("accuracy", "prompt accuracy, all attributes"),
     )
-    for ax, (key, label) in zip(axes, metrics):
-
-        def value(r, key=key):
-            return r[key]["all"] if key == "accuracy" else r[key]
-
-        sweep = sorted((r for r in rows if r["kind"] in ("fewer steps", "stock")), key=_x)
-        ax.plot(
-            [_x(r) for r in sweep],
-            [min(value(r), 60) if key == "psnr_vs_stock" else value(r) for r in sweep],
-            "-",
-            color="tab:gray",
-            alpha=0.6,
-            label="stock, fewer steps",
-        )
-        if key == "frechet_distance":
-            floor = result["real"]["second_real_set"]["frechet_distance"]
-            ax.axhline(floor, color="tab:green", ls=":", lw=1, label="two real sets")
-        for r in rows:
-            marker, colour = MARKERS[r["kind"]]
-            y = min(value(r), 60) if key == "psnr_vs_stock" else value(r)
-            ax.plot(_x(r), y, marker, color=colour, markersize=8 if r["kind"] != "fewer steps" else 5)
-            if r["kind"] in ("method", "eps reuse"):
-                short = (
-                    r["method"]
-                    .replace("fasterdiff ", "")
-                    .replace("control: reuse whole noise prediction, ", "eps reuse ")
-                )
-                ax.annotate(short, (_x(r), y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            elif r["kind"] == "fewer steps":
-                ax.annotate(
-                    str(r["steps"]),
-                    (_x(r), y),
-                    fontsize=6,
-                    xytext=(2, -8),
-                    textcoords="offset points",
-                    color="tab:gray",
-                )
-        ax.set_xlabel("speedup vs stock in UNet FLOPs (1 / FLOPs ratio)")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
+    for axes, (make_x, xlabel) in zip(grid_axes, AXES):
+        x = make_x(rows)
+        for ax, (key, label) in zip(axes, metrics):
+            _panel(ax, result, [r for r in rows if x(r) is not None], x, key)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_title(label, fontsize=10)
     cfg = result["config"]
     fig.suptitle(
-        f"Speed vs fidelity on the stand-in: {cfg['sampler']}-{cfg['steps']}, {result['pairs']} prompt x seed pairs (grey numbers: stock step counts; PSNR of stock itself capped at 60)",
+        f"Speed vs fidelity on the stand-in: {cfg['sampler']}-{cfg['steps']}, {result['pairs']} prompt x seed pairs "
+        "(grey numbers: stock step counts; PSNR of stock itself capped at 60)",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _panel(ax, result: dict, rows: list[dict], x, key: str) -> None:
+    def value(r):
+        v = r[key]["all"] if key == "accuracy" else r[key]
+        return min(v, 60) if key == "psnr_vs_stock" else v
+
+    sweep = sorted((r for r in rows if r["kind"] in ("fewer steps", "stock")), key=x)
+    ax.plot([x(r) for r in sweep], [value(r) for r in sweep], "-", color="tab:gray", alpha=0.6, label="stock, fewer steps")
+    if key == "frechet_distance":
+        floor = result["real"]["second_real_set"]["frechet_distance"]
+        ax.axhline(floor, color="tab:green", ls=":", lw=1, label="two real sets")
+    for r in rows:
+        marker, colour = MARKERS[r["kind"]]
+        ax.plot(x(r), value(r), marker, color=colour, markersize=8 if r["kind"] != "fewer steps" else 5)
+        if r["kind"] in ("method", "eps reuse"):
+            short = r["method"].replace("fasterdiff ", "").replace("control: reuse whole noise prediction, ", "eps reuse ")
+            ax.annotate(short, (x(r), value(r)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        elif r["kind"] == "fewer steps":
+            ax.annotate(str(r["steps"]), (x(r), value(r)), fontsize=6, xytext=(2, -8), textcoords="offset points", color="tab:gray")
+    ax.grid(alpha=0.3)
 
 
 def grid_rows(result: dict) -> list[str]:

@@ -166,7 +166,15 @@ class _Accelerated:
     _output_class: type
 
     def __call__(self, *args, sampler: str | None = None, **kwargs):
+        """Stock's ``__call__`` with the reuse plan carried out on the UNet.
+
+        Takes every argument stock takes, in stock's order; ``sampler`` (one of
+        :data:`fasterdiff.SAMPLER_NAMES`) replaces the pipeline's scheduler for this call,
+        and :class:`Settings` names override this pipeline's settings for this call.
+        """
         started = time.perf_counter()
+        if self.unet is None:
+            raise ValueError("this pipeline has no UNet to sample with (it was made from one with unet=None)")
         settings = dataclasses.replace(self.settings, **{k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs})
         stock_call = super().__call__
         bound = inspect.signature(stock_call).bind(*args, **kwargs)
@@ -304,10 +312,27 @@ def _evaluations(scheduler, call_args: dict) -> int:
     return len(timesteps)
 
 
+def _stock_signature(stock_cls):
+    """``_Accelerated.__call__`` as seen by ``inspect``: stock's parameters, then ``sampler``
+    (keyword-only) before stock's ``**kwargs``, which also takes the :class:`Settings` names."""
+
+    def __call__(self, *args, **kwargs):
+        return _Accelerated.__call__(self, *args, **kwargs)
+
+    params = list(inspect.signature(stock_cls.__call__).parameters.values())
+    tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    sampler = inspect.Parameter("sampler", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None)
+    __call__.__signature__ = inspect.Signature(head + [sampler] + (tail or [inspect.Parameter("settings", inspect.Parameter.VAR_KEYWORD)]))
+    __call__.__doc__ = _Accelerated.__call__.__doc__
+    return __call__
+
+
 class FasterDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
     """A StableDiffusionPipeline that samples with a reuse plan; made by :func:`accelerate`."""
 
     _output_class = FasterDiffusionOutput
+    __call__ = _stock_signature(StableDiffusionPipeline)
 
     def run_safety_checker(self, image, device, dtype):
         state = self._fasterdiff_state
@@ -330,6 +355,7 @@ class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):
     """A StableDiffusionXLPipeline that samples with a reuse plan; made by :func:`accelerate`."""
 
     _output_class = FasterDiffusionXLOutput
+    __call__ = _stock_signature(StableDiffusionXLPipeline)
 
 
 def accelerate(
@@ -362,7 +388,8 @@ def accelerate(
         key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
         None if plans is None else str(plans),
     )
-    check_supported(pipe.unet)
+    if pipe.unet is not None:  # a text-encoder-only pipeline still encodes prompts
+        check_supported(pipe.unet)
     if isinstance(pipe, StableDiffusionXLPipeline):
         cls = FasterDiffusionXLPipeline
     elif isinstance(pipe, StableDiffusionPipeline):
@@ -378,6 +405,9 @@ def accelerate(
     if "add_watermarker" in init:
         options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     fast = cls(**components, **options)
+    # __init__ fixes outdated scheduler configs in place; stock did that (or not) when it was
+    # built, and a scheduler set on it later is used as it is: so here too
+    fast.scheduler = copy.deepcopy(pipe.scheduler)
     if pipe.config.get("_name_or_path"):
         fast.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     fast.settings = settings

@@ -149,6 +149,43 @@ def test_outdated_scheduler_config_gets_stocks_fix_up():
     assert np.abs(np_images(fast) - np_images(stock)).max() <= 1e-5
 
 
+def test_a_scheduler_set_after_construction_is_used_as_it_is():
+    """Stock samples with a scheduler set later as it is (no fix-up); so does the accelerated copy."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    for scheduler in (
+        lambda config: DDIMScheduler.from_config(config, clip_sample=True),
+        lambda config: PNDMScheduler.from_config(config, skip_prk_steps=True, steps_offset=0),
+    ):
+        stock = tiny_pipeline()
+        stock.scheduler = scheduler(stock.scheduler.config)
+        fast = fasterdiff.accelerate(stock, key_steps="off", noise_injection=0)
+        assert dict(fast.scheduler.config) == dict(stock.scheduler.config)
+        assert np.abs(np_images(fast, steps=3) - np_images(stock, steps=3)).max() <= 1e-5
+
+
+def test_call_signature_is_stocks_plus_sampler(pipe):
+    import inspect
+
+    stock = list(inspect.signature(pipe.__call__).parameters)
+    fast = list(inspect.signature(fasterdiff.accelerate(pipe).__call__).parameters)
+    assert stock[-1] == "kwargs" and fast == stock[:-1] + ["sampler", "kwargs"]
+    xl = tiny_xl_pipeline()
+    stock_xl = list(inspect.signature(xl.__call__).parameters)
+    assert list(inspect.signature(fasterdiff.accelerate(xl).__call__).parameters) == stock_xl[:-1] + ["sampler", "kwargs"]
+
+
+def test_a_pipeline_without_a_unet_still_encodes_prompts(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    text_only = StableDiffusionPipeline(**{**pipe.components, "unet": None}, requires_safety_checker=False)
+    fast = fasterdiff.accelerate(text_only)
+    got, expected = (p.encode_prompt("a cat", "cpu", 1, False)[0] for p in (fast, text_only))
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="no UNet"):
+        fast("a cat")
+
+
 def test_callback_on_step_end_runs_and_its_latents_are_used(pipe):
     def halve_at_step_2(p, i, t, tensors):
         seen.append((i, sorted(tensors)))

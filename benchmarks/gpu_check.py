@@ -47,7 +47,7 @@ def deepcache(pipe, interval):
 
 def methods(pipe, compiled_stock, quick: bool):
     fast = {
-        "fasterdiff default (paper, max_batch auto)": fasterdiff.accelerate(pipe),
+        "fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)": fasterdiff.accelerate(pipe),
         "fasterdiff paper, unbounded": fasterdiff.accelerate(pipe, max_batch=None),
         "fasterdiff uniform-5": fasterdiff.accelerate(pipe, key_steps=5, max_batch=None),
         "fasterdiff uniform-5, forecast 1": fasterdiff.accelerate(pipe, key_steps=5, forecast=1, max_batch=None),

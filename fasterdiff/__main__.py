@@ -238,6 +238,8 @@ def _add_calibrate(sub) -> None:
     c.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
     c.add_argument("--pairs", type=_in_range(2, 64), default=None, help="prompt x seed pairs (default: 24 for the stand-in, 32 otherwise)")
     c.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5)
+    c.add_argument("--noise-injection", type=_bounded("noise_injection_strength", float), default=None,
+                   help="the noise injection the plans are measured with (default: the library's, 0.003)")
     c.add_argument("--size", type=_in_range(32, 1024), default=None, help="image size (default: the model's native size)")
     c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
     c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")
@@ -255,7 +257,9 @@ def _calibrate(args) -> int:
     prompts, seeds = calibrate.standin_pairs(count) if standin else calibrate.sd_pairs(count)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch = args.batch or (len(prompts) if pipe.device.type == "cpu" else 4)
-    setting = calibrate.Setting(args.sampler, args.steps, args.guidance_scale, size, size, prompts, seeds, batch)
+    setting = calibrate.Setting(
+        args.sampler, args.steps, args.guidance_scale, size, size, prompts, seeds, batch, args.noise_injection
+    )
     entry = calibrate.calibrate(pipe, setting, weights=str(folder))
     out = Path(args.out) if args.out else folder / calibrate.PLANS_FILE_NAME
     calibrate.write_entry(out, entry)

@@ -9,8 +9,11 @@ deep reuse, each with key steps spaced uniformly or denser towards the start of
 sampling (where the paper finds the features change most), at 5 to 17 key steps, each
 with forecast order 0, 1 and 2 (deep: 0, 1); DeepCache's own interval 3 as a reference.
 Then a greedy search on key-step positions: from the plan ``auto`` would take, drop the
-key step whose loss hurts least while the plan stays within tolerance (each round
-screened on a third of the pairs, the winner measured on all).
+key step whose loss hurts least while the plan stays within tolerance (each round screens
+every removal on a third of the pairs and judges the best on the other two thirds; a
+refined plan's recorded PSNR is on those held-out pairs). Plans run with the noise
+injection they will run with by default (``Setting.noise_injection``), against stock
+without it: the recorded PSNR is that of what ``auto`` runs.
 
 The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
 entry per sampler and step count: what it was calibrated on, and every candidate with
@@ -20,6 +23,7 @@ frontier whose mean PSNR is at least :data:`AUTO_MIN_PSNR`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -104,6 +108,7 @@ class Setting:
     prompts: list[str]
     seeds: list[int]
     batch: int = 16  # prompt x seed pairs per sampling call
+    noise_injection: float | None = None  # what the plans run with (None: the library's default)
 
 
 def _sample(fast, setting: Setting, **kw) -> torch.Tensor:
@@ -147,8 +152,10 @@ def frontier(rows: list[dict], speed_key: str = "gpu_seconds_1_image") -> list[d
 
 def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) -> dict:
     """Measure every candidate plan against stock; the plan-file entry for ``setting``."""
-    from .pipeline import accelerate
+    from .pipeline import Settings, accelerate
 
+    if setting.noise_injection is None:
+        setting = dataclasses.replace(setting, noise_injection=Settings().noise_injection)
     stock = accelerate(pipe, key_steps="off", noise_injection=0)
     stock.set_progress_bar_config(disable=True)
     reference = _sample(stock, setting)
@@ -173,7 +180,8 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
         }
 
     def measure(plan: ReusePlan, on: Setting = setting, against: torch.Tensor = reference) -> np.ndarray:
-        return psnr(_sample(stock, on, key_steps=plan, parallel=plan.batchable), against)
+        images = _sample(stock, on, key_steps=plan, parallel=plan.batchable, noise_injection=setting.noise_injection)
+        return psnr(images, against)
 
     rows = []
     with tqdm(total=len(plans), desc="calibrating plans", unit="plan", disable=not progress) as bar:
@@ -194,6 +202,7 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
         "calibrated_on": {
             "weights": weights,
             "guidance_scale": setting.guidance_scale,
+            "noise_injection": setting.noise_injection,
             "height": setting.height,
             "width": setting.width,
             "pairs": len(setting.prompts),
@@ -218,8 +227,14 @@ def _refine(rows: list[dict], unet, setting: Setting, reference: torch.Tensor, m
         return []
     start = min(good, key=lambda r: r["gpu_seconds_1_image"])
     plan, reuse = ReusePlan.from_json(start["plan"]), start["reuse"]
-    few = list(range(0, len(setting.prompts), 3))  # screening pairs
-    screen = Setting(**{**setting.__dict__, "prompts": [setting.prompts[i] for i in few], "seeds": [setting.seeds[i] for i in few]})
+    # removals are screened on a third of the pairs and judged on the other two thirds, so that
+    # choosing the best of many removals does not flatter the plan it keeps
+    few = list(range(0, len(setting.prompts), 3))
+    rest = [i for i in range(len(setting.prompts)) if i not in few]
+    screen, held_out = (
+        dataclasses.replace(setting, prompts=[setting.prompts[i] for i in idx], seeds=[setting.seeds[i] for i in idx])
+        for idx in (few, rest)
+    )
     out = []
     for _ in range(REFINE_ROUNDS):
         keys = plan.key_steps
@@ -232,7 +247,7 @@ def _refine(rows: list[dict], unet, setting: Setting, reference: torch.Tensor, m
             scores.append(float(np.mean(measure(trial, screen, reference[few]))))
             bar.update()
         best = trials[int(np.argmax(scores))]
-        values = measure(best)
+        values = measure(best, held_out, reference[rest])
         bar.update()
         if float(np.mean(values)) < AUTO_MIN_PSNR:
             break
@@ -342,7 +357,8 @@ def choose(plans_file: str | os.PathLike | None, scheduler, num_inference_steps:
         plan,
         best["reuse"],
         f"auto: '{best['name']}' from {plans_file}: {best['psnr_mean']:.1f} dB against stock in calibration "
-        f"(at least {entry['auto_min_psnr']:.0f}), modelled GPU speedup {speedup:.2f}x",
+        f"(at least {entry['auto_min_psnr']:.0f}; noise injection {entry['calibrated_on'].get('noise_injection', 0)}), "
+        f"modelled GPU speedup {speedup:.2f}x",
     )
 
 
@@ -352,7 +368,8 @@ def markdown(entry: dict) -> str:
     stock = entry["stock"]["gpu_seconds_1_image"]
     lines = [
         f"Calibration, {entry['sampler']}-{entry['steps']}: {entry['calibrated_on']['pairs']} prompt x seed pairs, "
-        f"guidance {entry['calibrated_on']['guidance_scale']}, {entry['calibrated_on']['width']}x{entry['calibrated_on']['height']}; "
+        f"guidance {entry['calibrated_on']['guidance_scale']}, {entry['calibrated_on']['width']}x{entry['calibrated_on']['height']}, "
+        f"plans with noise injection {entry['calibrated_on'].get('noise_injection', 0)}; "
         f"{len(entry['plans'])} plans measured; below, the frontier and DeepCache interval 3 for reference "
         f"(auto: the fastest with mean PSNR >= {entry['auto_min_psnr']} dB; 'refined': found by the greedy key-step search).",
         "",

@@ -135,6 +135,8 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
         acc("fasterdiff uniform-5, forecast 1", key_steps=5, forecast=1),
         acc("fasterdiff uniform-3, forecast 1", key_steps=3, forecast=1),
         acc("fasterdiff deep (interval 3, branch 0)", key_steps=3, reuse="deep"),
+        acc("fasterdiff deep interval 3, forecast 1", key_steps=3, reuse="deep", forecast=1),
+        acc("fasterdiff deep interval 5, forecast 1", key_steps=5, reuse="deep", forecast=1),
         acc("fasterdiff auto (calibrated plan)", key_steps="auto"),
     ]
     if installed("DeepCache"):

@@ -100,7 +100,7 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
             accelerated(key_steps="paper", parallel=True, max_batch=cfg.max_batch),
         ),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
-        Method("fasterdiff default (paper, max_batch auto)", accelerated(max_batch="auto")),
+        Method("fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)", accelerated(max_batch="auto")),
         Method("fasterdiff deep (interval 3, branch 0)", accelerated(key_steps=3, reuse="deep")),
     ]
     if installed("DeepCache"):

@@ -323,7 +323,8 @@ def _stock_signature(stock_cls):
     tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     sampler = inspect.Parameter("sampler", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None)
-    __call__.__signature__ = inspect.Signature(head + [sampler] + (tail or [inspect.Parameter("settings", inspect.Parameter.VAR_KEYWORD)]))
+    tail = tail or [inspect.Parameter("settings", inspect.Parameter.VAR_KEYWORD)]
+    __call__.__signature__ = inspect.Signature(head + [sampler] + tail)
     __call__.__doc__ = _Accelerated.__call__.__doc__
     return __call__
 

@@ -154,6 +154,11 @@ def standin_server():
 def test_predictor_on_the_standin_draws_what_the_prompt_asks(standin_server, classifier, mode):
     images, wanted = [], []
     steps = 50 if mode == "auto" else 20  # auto: the stand-in's plan file is calibrated for DDIM-50
+    entry = json.loads((PIPELINE_DIR / "fasterdiff_plans.json").read_text())["entries"]["DDIM-50"]
+    chosen = min(
+        (r for r in entry["plans"] if r["frontier"] and r["psnr_mean"] >= entry["auto_min_psnr"]),
+        key=lambda r: r["gpu_seconds_1_image"],
+    )
     for i, attrs in enumerate(PROMPTS):
         status, body = standin_server.predict(
             {"prompt": attrs.prompt, "width": 32, "height": 32, "num_inference_steps": steps, "seed": i,
@@ -161,7 +166,8 @@ def test_predictor_on_the_standin_draws_what_the_prompt_asks(standin_server, cla
         )
         assert status == 200 and body["status"] == "succeeded", body
         if mode == "auto":  # the calibrated plan ran, and the logs say which and why
-            assert "auto: 'deep 13 keys uniform, forecast 1'" in body["logs"], body["logs"]
+            assert f"auto: '{chosen['name']}'" in body["logs"], body["logs"]
+            assert f"key steps: {chosen['key_steps']}" in body["logs"]
         uri = body["output"][0]
         images.append(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
         wanted.append(attrs)

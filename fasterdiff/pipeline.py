@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -405,7 +406,9 @@ def accelerate(
     options = {k: v for k, v in pipe.config.items() if k in init and k not in components}
     if "add_watermarker" in init:
         options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
-    fast = cls(**components, **options)
+    with warnings.catch_warnings():  # __init__'s warning about an outdated scheduler config:
+        warnings.simplefilter("ignore", FutureWarning)  # stock gave it, or runs that scheduler as it is
+        fast = cls(**components, **options)
     # __init__ fixes outdated scheduler configs in place; stock did that (or not) when it was
     # built, and a scheduler set on it later is used as it is: so here too
     fast.scheduler = copy.deepcopy(pipe.scheduler)

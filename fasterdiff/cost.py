@@ -45,15 +45,12 @@ GPU_SECONDS = {
 GPU_MODEL_SOURCE = "H200, SD 1.5 UNet fp16 512px (shared/measurements/gpu-h200-2026-11-26)"
 
 
-def unet_calls(plan: ReusePlan, parallel: bool, steps_per_call: int | None = None) -> list[tuple[int, int]]:
-    """The UNet calls a run makes: (first step, steps answered) each."""
+def unet_calls(plan: ReusePlan, parallel: bool) -> list[tuple[int, int]]:
+    """The UNet calls a run makes: (first step, steps answered) each; parallel runs answer a
+    whole group per call (max_batch=None: the model ignores memory-bounded chunking)."""
     if not parallel:
         return [(i, 1) for i in range(plan.num_steps)]
-    calls = []
-    for group in plan.groups:
-        size = len(group) if steps_per_call is None else steps_per_call
-        calls += [(first, min(size, group.stop - first)) for first in range(group.start, group.stop, size)]
-    return calls
+    return [(group.start, len(group)) for group in plan.groups]
 
 
 def gpu_seconds(plan: ReusePlan, parallel: bool, images: int = 1, deep: bool = False) -> float:

@@ -263,7 +263,6 @@ class Generator:
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats, baseline_seconds, messages)
 
-
     def warm_up(self) -> float:
         """One default request at the native size, thrown away: the first real prediction
         does not pay for CUDA start-up or compiling. Returns its seconds."""

@@ -49,7 +49,7 @@ class Predictor(BaseRunner):
         ),
         num_inference_steps: int = Input(description="Number of denoising steps.", default=50, ge=1, le=100),
         key_step_mode: str = Input(
-            description="Which steps run the whole UNet: auto = the fastest plan calibrated on these weights that keeps images within 40 dB of stock (the paper's key steps where none was calibrated), non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
+            description="Which steps run the whole UNet: auto = the fastest plan calibrated on these weights whose images are at least as close to stock's as DeepCache interval 3's and within 35 dB pooled PSNR (the paper's key steps where none was calibrated), non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
             default="auto",
             choices=["auto", "non-uniform", "uniform", "custom", "off"],
         ),

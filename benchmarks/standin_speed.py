@@ -3,8 +3,8 @@ call, 1 and 4 images per prompt, DDIM-50 (or --sampler/--steps), interleaved rou
 
     python benchmarks/standin_speed.py [--rounds 7] [--sampler DDIM] [--steps 50]
 
-Compares stock, DeepCache intervals 3 and 5, and fasterdiff's auto plan and the plans
-named on the command line's defaults (deep reuse with calibrated key steps and forecast).
+Compares stock, DeepCache intervals 3 and 5, fasterdiff's paper plan, deep plans with a
+forecast, auto and the calibrated plan of the deepcache-5 level (see fasterdiff.calibrate).
 Prints a markdown table: seconds per call (median, min-max) and speedup against stock
 within each round.
 """
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
+from fasterdiff import calibrate  # noqa: E402
 from fasterdiff.bench.harness import deepcache  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
 from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
@@ -46,6 +47,11 @@ def main() -> None:
         "fasterdiff paper (parallel)": (fasterdiff.accelerate(pipe, key_steps="paper", noise_injection=0), None),
         "fasterdiff auto": (auto, None),
     }
+    level = calibrate.choose(auto.settings.plans, pipe.scheduler, args.steps, pipe.unet, level="deepcache-5")
+    if isinstance(level.key_steps, fasterdiff.ReusePlan) and level.name not in calibrate.DEEPCACHE.values():
+        fast = fasterdiff.accelerate(pipe, key_steps=level.key_steps, reuse=level.reuse, noise_injection=0)
+        methods["fasterdiff calibrated, deepcache-5 level"] = (fast, None)
+        chosen += "\n\n" + level.reason
     print(chosen)
     print("| images | method | s/call median (min-max) | speedup vs stock median (min-max) |\n|---|---|---|---|")
     for images in (1, 4):

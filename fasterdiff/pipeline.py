@@ -43,8 +43,9 @@ class Settings:
     """How to accelerate.
 
     Important:
-      key_steps: "auto" (the fastest plan calibrated on this model whose images stay
-        within the tolerance of stock's; see :mod:`fasterdiff.calibrate`); for
+      key_steps: "auto" (the fastest plan calibrated on this model whose images are at
+        least as close to stock's as DeepCache interval 3's and within the floor; see
+        :mod:`fasterdiff.calibrate`); for
         ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
         "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
         steps starting with 0; for ``reuse="deep"``: an int k >= 1 (DeepCache's

@@ -122,6 +122,7 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     other = images["control: stock, 3 steps"]
     mse = ((other - images["stock diffusers"]) / 2).pow(2).flatten(1).mean(1)
     assert rows["control: stock, 3 steps"]["psnr_vs_stock"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
+    assert rows["control: stock, 3 steps"]["psnr_vs_stock_pooled"] == pytest.approx(float(10 * torch.log10(1 / mse.mean())), rel=1e-4)
     assert result["real"]["reference"]["distinct_digits"] == 6
     for r in result["rows"]:  # the paired counts account for the accuracy difference
         p = r["paired_vs_stock"]

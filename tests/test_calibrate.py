@@ -8,6 +8,7 @@ import torch
 
 import fasterdiff
 from fasterdiff import calibrate
+from fasterdiff.samplers import make_scheduler
 from fasterdiff.tiny import tiny_pipeline
 
 SETTING = dict(sampler="DDIM", steps=8, guidance_scale=7.5, height=32, width=32)
@@ -30,40 +31,96 @@ def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(cal
     rows = entry["plans"]
     grid = calibrate.candidates(pipe.unet, 8)
     assert sorted(r["name"] for r in rows if "refined" not in r["name"]) == sorted(n for n, _, _ in grid)
-    assert calibrate.DEEPCACHE_3 in {r["name"] for r in rows}
-    assert {r["reuse"] for r in rows} == {"encoder", "deep"} and {r["forecast"] for r in rows} == {0, 1, 2}
+    assert set(calibrate.DEEPCACHE.values()) <= {r["name"] for r in rows}
+    assert {r["reuse"] for r in rows} == {"encoder", "deep"} and {r["forecast"] for r in rows} == {0, 1}
+    assert {r["damping"] for r in rows} == {1.0, 0.5}
+    chosen = {level["plan"] for level in entry["levels"].values()}
     for r in rows:
-        assert 0 < r["unet_flops"] < 1 and ("plan" in r) == r["frontier"]
-        if r["frontier"]:
-            assert list(fasterdiff.ReusePlan.from_json(r["plan"]).key_steps) == r["key_steps"]
+        assert 0 < r["unet_flops"] < 1 and ("plan" in r) == (r["frontier"] or r["name"] in chosen)
+        assert r["psnr_min"] <= r["psnr_pooled"] <= r["psnr_mean"]
+        if "plan" in r:
+            plan = fasterdiff.ReusePlan.from_json(r["plan"])
+            assert list(plan.key_steps) == r["key_steps"] and (plan.forecast[-1], plan.damping[-1]) == (r["forecast"], r["damping"])
         assert r["gpu_seconds_1_image"] < entry["stock"]["gpu_seconds_1_image"]
     front = [r for r in rows if r["frontier"]]
     # no row is both faster and more faithful than a frontier row
     for f in front:
-        assert not any(o["gpu_seconds_1_image"] < f["gpu_seconds_1_image"] and o["psnr_mean"] > f["psnr_mean"] for o in rows)
+        assert not any(o["gpu_seconds_1_image"] < f["gpu_seconds_1_image"] and o["psnr_pooled"] > f["psnr_pooled"] for o in rows)
     # deep non-key steps are cheaper in FLOPs than encoder ones at the same keys
-    by = {(r["reuse"], tuple(r["key_steps"]), r["forecast"]): r for r in rows}
-    enc, deep = by[("encoder", (0, 2, 3, 5, 6), 0)], by[("deep", (0, 2, 3, 5, 6), 0)]
+    by = {(r["reuse"], tuple(r["key_steps"]), r["forecast"], r["damping"]): r for r in rows}
+    enc, deep = by[("encoder", (0, 2, 3, 5, 6), 0, 1.0)], by[("deep", (0, 2, 3, 5, 6), 0, 1.0)]
     assert deep["unet_flops"] < enc["unet_flops"]
 
 
-def test_greedy_search_drops_key_steps_while_within_tolerance(monkeypatch):
+def test_each_level_runs_the_fastest_plan_at_least_as_faithful_as_its_reference(calibrated):
+    _, _, entry, _ = calibrated
+    rows = {r["name"]: r for r in entry["plans"]}
+    dc3, dc5 = rows[calibrate.DEEPCACHE[3]], rows[calibrate.DEEPCACHE[5]]
+    bars = entry["levels"]
+    assert bars["deepcache-3"]["psnr_pooled"] == pytest.approx(dc3["psnr_pooled"], abs=1e-3)
+    assert bars["deepcache-5"]["psnr_pooled"] == pytest.approx(dc5["psnr_pooled"], abs=1e-3)
+    assert bars["auto"]["psnr_pooled"] == pytest.approx(max(dc3["psnr_pooled"], calibrate.AUTO_MIN_PSNR), abs=1e-3)
+    for level, bar in bars.items():
+        meeting = [r for r in rows.values() if level in r["meets"]]
+        for r in rows.values():  # meeting a level: reaching its bar in enough resamples of the pairs
+            assert (level in r["meets"]) == (r["confidence"][level] >= calibrate.LEVEL_CONFIDENCE)
+        reference = rows[bar["reference"]]
+        if level != "auto" or reference["psnr_pooled"] >= calibrate.AUTO_MIN_PSNR:
+            assert reference["confidence"][level] == 1.0  # equal to itself in every resample
+        fastest = min(r["gpu_seconds_1_image"] for r in meeting)
+        assert rows[bar["plan"]]["gpu_seconds_1_image"] == fastest
+
+
+def test_a_level_asks_for_more_than_a_lead_within_the_noise_of_the_pairs():
+    levels = calibrate._Levels({calibrate.DEEPCACHE[3]: np.array([40.0, 40.0, 40.0, 40.0, 40.0, 40.0])})
+    ahead_everywhere = np.array([41.0] * 6)
+    ahead_by_one_pair = np.array([40.0, 40.0, 40.0, 40.0, 40.0, 40.1])
+    behind_on_one = np.array([45.0, 45.0, 45.0, 45.0, 45.0, 30.0])  # ahead on mean PSNR, pooled about 37
+    assert levels.confidence("deepcache-3", ahead_everywhere) == 1.0
+    assert levels.confidence("deepcache-3", ahead_by_one_pair) == 1.0  # never behind: counts as reaching it
+    assert levels.confidence("deepcache-3", behind_on_one) < calibrate.LEVEL_CONFIDENCE
+    share = levels.confidence("deepcache-3", behind_on_one)
+    assert levels.met(behind_on_one) == {"auto": round(share, 3), "deepcache-3": round(share, 3)}
+    # only the resamples without the bad pair reach the bar: (5/6) ** 6 of them
+    assert share == pytest.approx((5 / 6) ** 6, abs=0.03)
+    # the floor: auto also needs AUTO_MIN_PSNR in each resample
+    low = calibrate._Levels({calibrate.DEEPCACHE[3]: np.array([20.0] * 6)})
+    assert low.confidence("deepcache-3", np.array([21.0] * 6)) == 1.0
+    assert low.confidence("auto", np.array([21.0] * 6)) == 0.0
+
+
+def test_pooled_psnr_weighs_the_worst_images():
+    assert calibrate.pooled_psnr(np.array([30.0, 30.0])) == pytest.approx(30.0)
+    # one image at 15 dB among three at 40 dB: the mean says 33.75, pooled says about 21
+    assert calibrate.pooled_psnr(np.array([40.0, 40.0, 40.0, 15.0])) == pytest.approx(21.0, abs=0.1)
+    images, reference = torch.full((2, 3, 4, 4), 0.5), torch.full((2, 3, 4, 4), 0.5)
+    images[1] += 0.1
+    assert calibrate.pooled_psnr(calibrate.psnr(images, reference)) == pytest.approx(-10 * np.log10(0.01 / 2), abs=1e-3)
+
+
+def test_greedy_search_drops_key_steps_while_the_level_is_met(monkeypatch):
     pipe = tiny_pipeline()
     setting = calibrate.Setting(prompts=["a cat", "a dog", "a red cat"], seeds=[5, 6, 7], batch=3, **SETTING)
-    # random weights: a low tolerance, so that there is a plan to start from and room to drop keys
-    monkeypatch.setattr(calibrate, "AUTO_MIN_PSNR", 12.0)
+    # random weights: a fixed bar, so that the search starts from a plan with key steps to spare
+    monkeypatch.setattr(calibrate._Levels, "bar", lambda self, level, pairs=slice(None): 60.0)
+    monkeypatch.setattr(
+        calibrate._Levels, "confidence", lambda self, level, values, pairs=slice(None): float(calibrate.pooled_psnr(values) >= 60.0)
+    )
+    monkeypatch.setattr(calibrate, "LEVELS", {"auto": calibrate.LEVELS["auto"]})
     entry = calibrate.calibrate(pipe, setting, progress=False)
     grid = [r for r in entry["plans"] if "refined" not in r["name"]]
     refined = [r for r in entry["plans"] if "refined" in r["name"]]
-    start = min((r for r in grid if r["psnr_mean"] >= 12.0), key=lambda r: r["gpu_seconds_1_image"])
+    start = min((r for r in grid if r["psnr_pooled"] >= 60.0), key=lambda r: (r["gpu_seconds_1_image"], -r["psnr_pooled"]))
     assert refined, "nothing dropped"
     previous = start
     for r in sorted(refined, key=lambda r: -len(r["key_steps"])):
-        # each round drops one key step of the last plan, keeps its family and the tolerance
+        # each round drops one key step of the last plan, keeps its family and meets the level
         assert set(r["key_steps"]) < set(previous["key_steps"]) and len(r["key_steps"]) == len(previous["key_steps"]) - 1
-        assert (r["reuse"], r["forecast"]) == (start["reuse"], start["forecast"])
-        assert r["psnr_mean"] >= 12.0 and r["gpu_seconds_1_image"] < previous["gpu_seconds_1_image"]
+        assert (r["reuse"], r["forecast"], r["damping"]) == (start["reuse"], start["forecast"], start["damping"])
+        assert r["psnr_pooled"] >= 60.0 and r["meets"] == ["auto"] and r["judged_on"] == "held-out"
+        assert r["gpu_seconds_1_image"] < previous["gpu_seconds_1_image"]
         previous = r
+    assert entry["levels"]["auto"]["plan"] == previous["name"]
 
 
 def test_the_recorded_psnr_is_what_the_plan_gives(calibrated):
@@ -75,38 +132,48 @@ def test_the_recorded_psnr_is_what_the_plan_gives(calibrated):
     # with the library's default noise injection, as auto runs the plan
     assert entry["calibrated_on"]["noise_injection"] == 0.003
     images = calibrate._sample(stock, setting, key_steps=plan, noise_injection=0.003)
-    assert np.mean(calibrate.psnr(images, reference)) == pytest.approx(row["psnr_mean"], abs=1e-2)
+    assert calibrate.pooled_psnr(calibrate.psnr(images, reference)) == pytest.approx(row["psnr_pooled"], abs=1e-2)
 
 
-def test_auto_takes_the_fastest_frontier_plan_within_tolerance(calibrated, monkeypatch):
+def test_auto_runs_the_plan_its_level_names(calibrated, tmp_path):
     pipe, _, entry, path = calibrated
-    good = [r for r in entry["plans"] if r["frontier"] and r["psnr_mean"] >= entry["auto_min_psnr"]]
-    fast = fasterdiff.accelerate(pipe, key_steps="auto", plans=path)
     kw = dict(num_inference_steps=8, output_type="latent", height=32, width=32)
-    stats = fast("a cat", sampler="DDIM", **kw).stats
-    if good:
-        best = min(good, key=lambda r: r["gpu_seconds_1_image"])
-        assert list(stats.key_steps) == best["key_steps"] and best["name"] in stats.plan
-    else:
-        assert stats.key_steps == tuple(range(8)) and "stock" in stats.plan
-    # with a lower tolerance auto goes faster, never slower
-    monkeypatch.setitem(entry, "auto_min_psnr", 0.0)
-    loose = path.with_name("loose.json")
-    calibrate.write_entry(loose, entry)
-    loose_stats = fasterdiff.accelerate(pipe, key_steps="auto", plans=loose)("a cat", sampler="DDIM", **kw).stats
-    fastest = min((r for r in entry["plans"] if r["frontier"]), key=lambda r: r["gpu_seconds_1_image"])
-    assert list(loose_stats.key_steps) == fastest["key_steps"]
+    stats = fasterdiff.accelerate(pipe, key_steps="auto", plans=path)("a cat", sampler="DDIM", **kw).stats
+    best = next(r for r in entry["plans"] if r["name"] == entry["levels"]["auto"]["plan"])
+    assert list(stats.key_steps) == best["key_steps"] and best["name"] in stats.plan and "pooled PSNR" in stats.plan
+    # another plan named: that one runs; none: stock
+    other = next(r for r in entry["plans"] if r["frontier"] and r["key_steps"] != best["key_steps"])
+    for name, keys in ((other["name"], other["key_steps"]), (None, list(range(8)))):
+        changed = json.loads(json.dumps(entry))
+        changed["levels"]["auto"]["plan"] = name
+        calibrate.write_entry(tmp_path / "changed.json", changed)
+        stats = fasterdiff.accelerate(pipe, key_steps="auto", plans=tmp_path / "changed.json")("a cat", sampler="DDIM", **kw).stats
+        assert list(stats.key_steps) == keys
+    assert "running stock" in stats.plan
+    # the benchmark's other levels, by name
+    scheduler = make_scheduler("DDIM", pipe.scheduler.config)
+    choice = calibrate.choose(path, scheduler, 8, pipe.unet, level="deepcache-5")
+    assert list(choice.key_steps.key_steps) == next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])["key_steps"]
+    with pytest.raises(ValueError, match="no level 'fast'"):
+        calibrate.choose(path, scheduler, 8, pipe.unet, level="fast")
 
 
 def test_auto_with_parallel_true_runs_a_deep_plan_sequentially(calibrated, tmp_path):
     pipe, _, entry, _ = calibrated
-    deep = [r for r in entry["plans"] if r["frontier"] and r["reuse"] == "deep"]
-    only_deep = dict(entry, plans=deep[:1], auto_min_psnr=0.0)
+    deep = next(r for r in entry["plans"] if r["frontier"] and r["reuse"] == "deep")
+    only_deep = dict(entry, plans=[deep], levels={"auto": dict(entry["levels"]["auto"], plan=deep["name"])})
     path = tmp_path / "deep.json"
     calibrate.write_entry(path, only_deep)
     fast = fasterdiff.accelerate(pipe, key_steps="auto", plans=path, parallel=True)
     stats = fast("a cat", sampler="DDIM", num_inference_steps=8, output_type="latent", height=32, width=32).stats
-    assert list(stats.key_steps) == deep[0]["key_steps"] and stats.decoder_steps_per_call == [1] * 8
+    assert list(stats.key_steps) == deep["key_steps"] and stats.decoder_steps_per_call == [1] * 8
+
+
+def test_a_plan_file_of_an_older_version_asks_for_calibration(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1, "entries": {}}))
+    with pytest.raises(ValueError, match="calibrate again"):
+        calibrate.read_plans(path)
 
 
 def test_auto_falls_back_to_the_paper_plan_where_not_calibrated(calibrated):
@@ -133,3 +200,42 @@ def test_spaced_keys():
     assert early[1] - early[0] < early[-1] - early[-2] and late[1] - late[0] > late[-1] - late[-2]
     with pytest.raises(ValueError, match="auto"):
         fasterdiff.accelerate(tiny_pipeline(), key_steps="auto", forecast=1)
+
+
+def test_standin_calibration_pairs_cover_every_attribute_evenly():
+    from collections import Counter
+
+    from fasterdiff.standin import data
+
+    prompts, seeds = calibrate.standin_pairs(24)
+    words = [p.split() for p in prompts]
+    assert len(set(prompts)) == 24 and seeds == list(range(calibrate.CALIBRATION_SEED, calibrate.CALIBRATION_SEED + 24))
+    assert Counter(w[1] for w in words) == {t: 8 for t in data.THICKNESS}
+    assert Counter(w[2] for w in words) == {c: 4 for c in data.COLOR_NAMES}
+    assert set(w[3] for w in words) == set(data.DIGITS)
+    assert len({(w[1], w[2]) for w in words}) == 18  # every colour in every thickness
+    assert len(set(calibrate.standin_pairs(90)[0])) == 90
+    with pytest.raises(ValueError, match="90"):
+        calibrate.standin_pairs(91)
+
+
+def test_fidelity_benchmark_adds_the_other_levels_where_their_plans_differ_from_autos(calibrated, tmp_path):
+    from fasterdiff.bench import fidelity
+
+    pipe, _, entry, _ = calibrated
+    auto = entry["levels"]["auto"]["plan"]
+    other = next(r for r in entry["plans"] if "plan" in r and r["name"] not in (auto, *calibrate.DEEPCACHE.values()))
+    changed = json.loads(json.dumps(entry))
+    changed["levels"]["deepcache-3"]["plan"] = calibrate.DEEPCACHE[3]  # DeepCache's own: it has its own row
+    changed["levels"]["deepcache-5"]["plan"] = other["name"]
+    calibrate.write_entry(tmp_path / "plans.json", changed)
+    fast = fasterdiff.accelerate(pipe, plans=tmp_path / "plans.json")
+    ddim = make_scheduler("DDIM", pipe.scheduler.config)
+    rows = fidelity._calibrated_levels(pipe, fast, ddim, 8, lambda name, **kw: (name, kw))
+    assert [name for name, _ in rows] == ["fasterdiff calibrated plan, deepcache-5 level"]
+    assert list(rows[0][1]["key_steps"].key_steps) == other["key_steps"] and rows[0][1]["reuse"] == other["reuse"]
+    changed["levels"]["deepcache-5"]["plan"] = auto  # the same plan as auto's: no row
+    calibrate.write_entry(tmp_path / "plans.json", changed)
+    assert fidelity._calibrated_levels(pipe, fast, ddim, 8, lambda name, **kw: name) == []
+    # no calibration for the run: no rows
+    assert fidelity._calibrated_levels(pipe, fast, ddim, 9, lambda name, **kw: name) == []

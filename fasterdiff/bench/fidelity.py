@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 import fasterdiff
 
-from .. import cost, schedule
+from .. import calibrate, cost, schedule
+from ..plan import ReusePlan
 from ..samplers import DETERMINISTIC_SAMPLERS, make_scheduler
 from ..standin import STANDIN_DIR, data, require, score
 from .harness import Method, count_passes, deepcache, installed, tome
@@ -139,6 +140,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
         acc("fasterdiff deep interval 5, forecast 1", key_steps=5, reuse="deep", forecast=1),
         acc("fasterdiff auto (calibrated plan)", key_steps="auto"),
     ]
+    methods += _calibrated_levels(pipe, fast, scheduler, n, acc)
     if installed("DeepCache"):
         for interval in (3, 5):
             methods.append(
@@ -166,6 +168,27 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
             )
         )
     return methods
+
+
+def _calibrated_levels(pipe, fast, scheduler, n: int, acc) -> list[Method]:
+    """Rows for the plan file's other levels (the plans matching DeepCache at intervals 3
+    and 5), where they run a plan other than auto's and DeepCache's own (which has its row)."""
+    auto, _ = fast.settings.without_auto(scheduler, n, pipe.unet)
+    if not isinstance(auto.key_steps, ReusePlan):
+        return []  # no calibration for this sampler and step count
+    out = []
+    for level in ("deepcache-3", "deepcache-5"):
+        try:
+            choice = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
+        except ValueError:
+            continue
+        if (
+            isinstance(choice.key_steps, ReusePlan)
+            and choice.key_steps != auto.key_steps
+            and choice.name not in calibrate.DEEPCACHE.values()
+        ):
+            out.append(acc(f"fasterdiff calibrated plan, {level} level", key_steps=choice.key_steps, reuse=choice.reuse))
+    return out
 
 
 def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]) -> list[Method]:
@@ -280,6 +303,7 @@ def _scores(s: score.Scores, wanted, real_features, chunk: int, images=None, sto
     if images is not None:
         p = score.psnr(images, stock_images)
         row["psnr_vs_stock"] = float(np.mean(p))
+        row["psnr_vs_stock_pooled"] = calibrate.pooled_psnr(p)
         row["psnr_vs_stock_ci95"] = score.bootstrap(p, np.mean)
         row["ssim_vs_stock"] = float(np.mean(score.ssim(images, stock_images)))
     return row

@@ -49,9 +49,9 @@ class Predictor(BaseRunner):
         ),
         num_inference_steps: int = Input(description="Number of denoising steps.", default=50, ge=1, le=100),
         key_step_mode: str = Input(
-            description="Which steps run the whole UNet: auto = the fastest plan calibrated on these weights whose images are at least as close to stock's as DeepCache interval 3's and within 35 dB pooled PSNR (the paper's key steps where none was calibrated), non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
+            description="Which steps run the whole UNet: auto = the fastest plan calibrated on these weights whose images are at least as close to stock's as DeepCache interval 3's and within 35 dB pooled PSNR (the paper's key steps where none was calibrated), auto-fast = the same at DeepCache interval 5's level (faster, further from stock), non-uniform = the paper's key steps (DDIM-50: 0,1,2,3,5,10,15,25,35), uniform = every uniform_interval-th step, custom = custom_key_steps, off = every step (stock sampling).",
             default="auto",
-            choices=["auto", "non-uniform", "uniform", "custom", "off"],
+            choices=["auto", "auto-fast", "non-uniform", "uniform", "custom", "off"],
         ),
         uniform_interval: int = Input(
             description="With key_step_mode=uniform: run the encoder every this many steps.", default=5, ge=2, le=10
@@ -61,7 +61,7 @@ class Predictor(BaseRunner):
             default="",
         ),
         forecast: int = Input(
-            description="How a non-key step gets the encoder's features: 0 = the last key step's (the paper), 1 = extrapolated linearly in the timestep from the last two key steps, 2 = quadratically from the last three. No extra UNet work; not with key_step_mode=auto.",
+            description="How a non-key step gets the encoder's features: 0 = the last key step's (the paper), 1 = extrapolated linearly in the timestep from the last two key steps, 2 = quadratically from the last three. No extra UNet work; not with key_step_mode=auto or auto-fast (the plan file sets it).",
             default=0,
             ge=0,
             le=2,

@@ -74,6 +74,8 @@ DEEPCACHE = {3: "DeepCache interval 3 (deep, every 3rd step)", 5: "DeepCache int
 DEEPCACHE_3 = DEEPCACHE[3]
 # level -> (the reference plan it must match, whether AUTO_MIN_PSNR applies too)
 LEVELS = {"auto": (DEEPCACHE[3], True), "deepcache-3": (DEEPCACHE[3], False), "deepcache-5": (DEEPCACHE[5], False)}
+# the key_steps values that run a calibrated level: the default, and a faster one
+AUTO_KEY_STEPS = {"auto": "auto", "auto-fast": "deepcache-5"}
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -444,9 +446,15 @@ def choose(
             f"{num_inference_steps} steps; running the paper's key steps"
         )
         return fallback
+    if level not in LEVELS:
+        raise ValueError(f"no calibration level {level!r}; the levels are {', '.join(LEVELS)}")
     bar = entry["levels"].get(level)
-    if bar is None:
-        raise ValueError(f"{plans_file}: no level {level!r} for {entry_key(name, num_inference_steps)}; it has {sorted(entry['levels'])}")
+    if bar is None:  # its reference was not measured (too few steps for DeepCache's interval)
+        fallback.reason = (
+            f"{level}: {plans_file} has no {level} level for {entry_key(name, num_inference_steps)}; "
+            f"running the paper's key steps"
+        )
+        return fallback
     if bar["plan"] is None:
         return AutoChoice("off", "encoder", f"{level}: no calibrated plan reaches {bar['psnr_pooled']:.1f} dB; running stock")
     best = next(r for r in entry["plans"] if r["name"] == bar["plan"])

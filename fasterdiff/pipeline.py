@@ -28,7 +28,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
 from . import schedule
-from .calibrate import choose, default_plans_file
+from .calibrate import AUTO_KEY_STEPS, choose, default_plans_file
 from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
 from .reuse import AUTO_CHUNK_SIZES, ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
@@ -45,7 +45,8 @@ class Settings:
     Important:
       key_steps: "auto" (the fastest plan calibrated on this model whose images are at
         least as close to stock's as DeepCache interval 3's and within the floor; see
-        :mod:`fasterdiff.calibrate`); for
+        :mod:`fasterdiff.calibrate`), "auto-fast" (the same at DeepCache interval 5's
+        level); for
         ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
         "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
         steps starting with 0; for ``reuse="deep"``: an int k >= 1 (DeepCache's
@@ -84,11 +85,11 @@ class Settings:
     plans: str | None = None  # the plan file "auto" reads
 
     def __post_init__(self):
-        auto = isinstance(self.key_steps, str) and self.key_steps == "auto"
+        auto = isinstance(self.key_steps, str) and self.key_steps in AUTO_KEY_STEPS
         if auto and (self.reuse != "encoder" or self.forecast):
             raise ValueError(
-                "reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps='auto' "
-                "(the default) picks them from the plan file"
+                f"reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps={self.key_steps!r} "
+                "picks them from the plan file"
             )
         if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
             raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {self.forecast!r}")
@@ -122,10 +123,10 @@ class Settings:
         return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch, self.forecast)
 
     def without_auto(self, scheduler, num_inference_steps: int, unet) -> tuple[Settings, str]:
-        """With key_steps="auto": the settings of the plan it picks, and why; else these."""
-        if not (isinstance(self.key_steps, str) and self.key_steps == "auto"):
+        """With key_steps="auto" or "auto-fast": the settings of the plan it picks, and why; else these."""
+        if not (isinstance(self.key_steps, str) and self.key_steps in AUTO_KEY_STEPS):
             return self, ""
-        choice = choose(self.plans, scheduler, num_inference_steps, unet)
+        choice = choose(self.plans, scheduler, num_inference_steps, unet, level=AUTO_KEY_STEPS[self.key_steps])
         # parallel=True asks to batch where the plan allows; a deep plan does not
         parallel = None if self.parallel and choice.reuse == "deep" else self.parallel
         return dataclasses.replace(self, key_steps=choice.key_steps, reuse=choice.reuse, parallel=parallel), choice.reason

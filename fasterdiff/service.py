@@ -27,7 +27,7 @@ from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
 
-KEY_STEP_MODES = ("auto", "non-uniform", "uniform", "custom", "off")
+KEY_STEP_MODES = ("auto", "auto-fast", "non-uniform", "uniform", "custom", "off")
 # Call arguments of an accelerated pipeline that stock diffusers does not take.
 ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "forecast", "parallel", "noise_injection")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -122,9 +122,9 @@ class Request:
         which uses the same).
         """
         self.validate()
-        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, "auto": "auto"}.get(
-            self.key_step_mode
-        )
+        key_steps = {
+            "non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, "auto": "auto", "auto-fast": "auto-fast"
+        }.get(self.key_step_mode)
         if self.key_step_mode == "custom":
             key_steps = parse_step_list(self.custom_key_steps)
         return dict(

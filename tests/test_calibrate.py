@@ -150,11 +150,23 @@ def test_auto_runs_the_plan_its_level_names(calibrated, tmp_path):
         stats = fasterdiff.accelerate(pipe, key_steps="auto", plans=tmp_path / "changed.json")("a cat", sampler="DDIM", **kw).stats
         assert list(stats.key_steps) == keys
     assert "running stock" in stats.plan
+    # auto-fast: the deepcache-5 level's plan
+    fast_row = next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])
+    stats = fasterdiff.accelerate(pipe, key_steps="auto-fast", plans=path)("a cat", sampler="DDIM", **kw).stats
+    assert list(stats.key_steps) == fast_row["key_steps"] and stats.plan.startswith(f"deepcache-5: '{fast_row['name']}'")
+    # a plan file without that level (its reference needs more steps): the paper's key steps
+    no_level = json.loads(json.dumps(entry))
+    del no_level["levels"]["deepcache-5"]
+    calibrate.write_entry(tmp_path / "no_level.json", no_level)
+    stats = fasterdiff.accelerate(pipe, key_steps="auto-fast", plans=tmp_path / "no_level.json")("a cat", sampler="DDIM", **kw).stats
+    assert stats.key_steps == fasterdiff.paper_key_steps(8) and "no deepcache-5 level" in stats.plan
+    with pytest.raises(ValueError, match="key_steps='auto-fast'"):
+        fasterdiff.accelerate(pipe, key_steps="auto-fast", forecast=1)
     # the benchmark's other levels, by name
     scheduler = make_scheduler("DDIM", pipe.scheduler.config)
     choice = calibrate.choose(path, scheduler, 8, pipe.unet, level="deepcache-5")
     assert list(choice.key_steps.key_steps) == next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])["key_steps"]
-    with pytest.raises(ValueError, match="no level 'fast'"):
+    with pytest.raises(ValueError, match="no calibration level 'fast'"):
         calibrate.choose(path, scheduler, 8, pipe.unet, level="fast")
 
 

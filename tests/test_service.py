@@ -170,6 +170,9 @@ def test_forecast_and_auto_reach_the_library_and_pndm_counts_its_extra_evaluatio
     assert any(m.startswith("auto: no plan file") for m in auto.messages)
     with pytest.raises(ValueError, match="forecast"):
         gen(Request(**base, key_step_mode="auto", forecast=1), tmp_path / "x")
+    assert Request(**base, key_step_mode="auto-fast").library_arguments()["key_steps"] == "auto-fast"
+    fast = gen(Request(**base, key_step_mode="auto-fast"), tmp_path / "af")
+    assert any(m.startswith("auto: no plan file") for m in fast.messages)
     # PNDM with 10 steps makes 11 UNet evaluations: key steps index those, and the logs say so
     pndm = gen(Request(**base, sampler="PNDM", key_step_mode="custom", custom_key_steps="0,5,10"), tmp_path / "p")
     assert pndm.stats.num_steps == 11 and pndm.stats.key_steps == (0, 5, 10)

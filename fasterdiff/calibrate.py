@@ -14,9 +14,9 @@ where the mean of per-image PSNRs would hide it; such plans lose prompt accuracy
 Candidates: encoder reuse and DeepCache-style deep reuse, each with key steps spaced
 uniformly or denser towards the start of sampling (where the paper finds the features
 change most), at 5 to 17 key steps, each replaying (forecast 0) or forecasting linearly
-(1, also damped by half); and DeepCache itself at intervals 3 and 5 as references. Then a greedy search on key-step positions: from the
-fastest plan that meets a level (below), drop the key step whose loss hurts least while
-the plan still meets it (each round screens every removal on a third of the pairs and
+(1, also damped by half); and DeepCache itself at intervals 3 and 5 as references. Then a
+greedy search on key-step positions: from the fastest plan that meets a level (below),
+drop the key step whose loss hurts least while the plan still meets it (each round screens every removal on a third of the pairs and
 judges the best on the other two thirds, against the reference on those same pairs; a
 refined plan's recorded PSNR is on those held-out pairs).
 
@@ -25,7 +25,8 @@ Levels: what a plan must match to be chosen, measured on this model and sampler.
 :data:`AUTO_MIN_PSNR`; ``deepcache-3`` and ``deepcache-5``: at least DeepCache's at that
 interval. A plan meets a level when it does so in :data:`LEVEL_CONFIDENCE` of bootstrap
 resamples of the pairs (paired: plan and reference resampled together). Each level runs the
-fastest plan that meets it (the plan file names it).
+fastest plan that meets it (the plan file names it): ``key_steps="auto"`` the ``auto``
+level's, ``key_steps="auto-fast"`` the ``deepcache-5`` level's.
 
 The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
 entry per sampler and step count: what it was calibrated on, every candidate with its
@@ -434,6 +435,8 @@ def choose(
 ) -> AutoChoice:
     """The plan ``level`` (``auto`` by default, see the module doc) runs for this scheduler
     and step count, and why."""
+    if level not in LEVELS:
+        raise ValueError(f"no calibration level {level!r}; the levels are {', '.join(LEVELS)}")
     name = sampler_name(scheduler)
     fallback = AutoChoice(AUTO_FALLBACK, "encoder", "")
     if plans_file is None or not Path(plans_file).is_file():
@@ -446,8 +449,6 @@ def choose(
             f"{num_inference_steps} steps; running the paper's key steps"
         )
         return fallback
-    if level not in LEVELS:
-        raise ValueError(f"no calibration level {level!r}; the levels are {', '.join(LEVELS)}")
     bar = entry["levels"].get(level)
     if bar is None:  # its reference was not measured (too few steps for DeepCache's interval)
         fallback.reason = (

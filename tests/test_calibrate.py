@@ -166,8 +166,9 @@ def test_auto_runs_the_plan_its_level_names(calibrated, tmp_path):
     scheduler = make_scheduler("DDIM", pipe.scheduler.config)
     choice = calibrate.choose(path, scheduler, 8, pipe.unet, level="deepcache-5")
     assert list(choice.key_steps.key_steps) == next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])["key_steps"]
-    with pytest.raises(ValueError, match="no calibration level 'fast'"):
-        calibrate.choose(path, scheduler, 8, pipe.unet, level="fast")
+    for plans in (path, None):  # a wrong level name is an error, plan file or not
+        with pytest.raises(ValueError, match="no calibration level 'fast'"):
+            calibrate.choose(plans, scheduler, 8, pipe.unet, level="fast")
 
 
 def test_auto_with_parallel_true_runs_a_deep_plan_sequentially(calibrated, tmp_path):

@@ -210,7 +210,7 @@ class _Levels:
         bar = np.maximum(ref_db, AUTO_MIN_PSNR) if floored else ref_db
         return float(np.mean(plan_db >= bar - 1e-9))
 
-    def met(self, values: np.ndarray, pairs=slice(None)) -> dict[str, float]:
+    def confidences(self, values: np.ndarray, pairs=slice(None)) -> dict[str, float]:
         """Each level's confidence (see :meth:`confidence`)."""
         return {level: round(self.confidence(level, values, pairs), 3) for level in self.names()}
 
@@ -231,7 +231,7 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
     levels = _Levels({})
 
     def row(name: str, plan: ReusePlan, reuse: str, values: np.ndarray, pairs=slice(None), judged_on="all") -> dict:
-        confidence = levels.met(values, pairs)
+        confidence = levels.confidences(values, pairs)
         return {
             "name": name,
             "reuse": reuse,

@@ -80,7 +80,7 @@ def test_a_level_asks_for_more_than_a_lead_within_the_noise_of_the_pairs():
     assert levels.confidence("deepcache-3", ahead_by_one_pair) == 1.0  # never behind: counts as reaching it
     assert levels.confidence("deepcache-3", behind_on_one) < calibrate.LEVEL_CONFIDENCE
     share = levels.confidence("deepcache-3", behind_on_one)
-    assert levels.met(behind_on_one) == {"auto": round(share, 3), "deepcache-3": round(share, 3)}
+    assert levels.confidences(behind_on_one) == {"auto": round(share, 3), "deepcache-3": round(share, 3)}
     # only the resamples without the bad pair reach the bar: (5/6) ** 6 of them
     assert share == pytest.approx((5 / 6) ** 6, abs=0.03)
     # the floor: auto also needs AUTO_MIN_PSNR in each resample

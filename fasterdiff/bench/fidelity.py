@@ -173,20 +173,13 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
 def _calibrated_levels(pipe, fast, scheduler, n: int, acc) -> list[Method]:
     """Rows for the plan file's other levels (the plans matching DeepCache at intervals 3
     and 5), where they run a plan other than auto's and DeepCache's own (which has its row)."""
-    auto, _ = fast.settings.without_auto(scheduler, n, pipe.unet)
+    auto = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet)
     if not isinstance(auto.key_steps, ReusePlan):
         return []  # no calibration for this sampler and step count
     out = []
     for level in ("deepcache-3", "deepcache-5"):
-        try:
-            choice = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
-        except ValueError:
-            continue
-        if (
-            isinstance(choice.key_steps, ReusePlan)
-            and choice.key_steps != auto.key_steps
-            and choice.name not in calibrate.DEEPCACHE.values()
-        ):
+        choice = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
+        if isinstance(choice.key_steps, ReusePlan) and choice.name not in (auto.name, *calibrate.DEEPCACHE.values()):
             out.append(acc(f"fasterdiff calibrated plan, {level} level", key_steps=choice.key_steps, reuse=choice.reuse))
     return out
 

@@ -231,3 +231,42 @@ def test_paired_comparison_counts_discordant_pairs_with_mcnemars_exact_p():
     mixed = [0, 0, 1, 1, 1, 1, 1, 1, 1]  # two lost, two gained
     assert paired_comparison(mixed, stock) == {"gained": 2, "lost": 2, "p": 1.0}
     assert paired_comparison(stock, stock)["p"] == 1.0
+
+
+def _plan_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_study", ROOT / "benchmarks" / "plan_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_study_horizon_limited_forecast_only_where_the_extrapolation_is_short(pipe):
+    study = _plan_study()
+    timesteps = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0, 100.0]
+    plan = study.depth_plan(pipe.unet, (0, 3, 6), 9, lambda i: 0)
+    assert plan == fasterdiff.plan.deep_plan(pipe.unet, 3, 9)  # branch 0 everywhere: DeepCache's own
+    # Steps 1, 2 have one key step before them (no slope); 4 and 7 extrapolate 100 from a gap of
+    # 300 (within half of it); 5 and 8 extrapolate 200 (beyond).
+    assert study.horizon_limited(plan, timesteps, 0.5).forecast == (0, 0, 0, 0, 1, 0, 0, 1, 0)
+    assert study.horizon_limited(plan, timesteps, 1.0).forecast == (0, 0, 0, 0, 1, 1, 0, 1, 1)
+    mixed = study.depth_plan(pipe.unet, (0, 3, 6), 9, lambda i: 1 if i < 3 else 0)
+    branch_1 = frozenset(fasterdiff.unet.deep_modules(pipe.unet, 1))
+    assert mixed.replay[1] == mixed.replay[2] == branch_1 and mixed.replay[4] == plan.replay[4] != branch_1
+
+
+def test_plan_study_quick_run_on_the_standin():
+    study = _plan_study()
+    result = study.run("DDIM", 6, 2, progress=False)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert result["rows"][0]["name"] == "stock" and rows["stock"]["family"] == "control"
+    families = {r["family"].split(" (")[0] for r in result["rows"]}
+    assert families == {"control", "grid", "branch depth", "mixed depth", "horizon-limited forecast"}
+    # FLOPs grow as the replayed branch shrinks; every plan is scored against stock's accuracy
+    flops = [rows[f"every 3, branch {b}"]["unet_flops"] for b in (1, 2, 3)]
+    assert rows["every 3, replay (DeepCache)"]["unet_flops"] < flops[0] < flops[1] < flops[2] < 1
+    for r in result["rows"][1:]:
+        assert r["gained"] - r["lost"] == round((r["accuracy"] - rows["stock"]["accuracy"]) * 2)
+        assert r["psnr_min"] <= r["psnr_pooled"] <= r["psnr_mean"]
+    assert "| control | stock |" in study.markdown(result, "cmd")

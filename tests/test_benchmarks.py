@@ -78,13 +78,11 @@ def test_reusing_the_noise_prediction_runs_the_unet_only_at_key_steps(pipe):
 
 
 def test_analyze_features_cli_writes_plot_table_and_json(weights, tmp_path):
+    from fasterdiff.__main__ import main
+
     prefix = tmp_path / "feat"
-    result = subprocess.run(
-        [sys.executable, "-m", "fasterdiff", "analyze", "features", "--weights", str(weights), "--steps", "4",
-         "--prompt", "a cat", "--prompt", "a dog", "--out", str(prefix)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    assert main(["analyze", "features", "--weights", str(weights), "--steps", "4",
+                 "--prompt", "a cat", "--prompt", "a dog", "--out", str(prefix)]) == 0
     data = json.loads(prefix.with_suffix(".json").read_text())
     assert data["environment"]["torch"] and data["command"].startswith("python -m fasterdiff analyze features")
     assert len(data["relative"]) == 3 and len(data["relative"][0]) == len(data["features"])
@@ -136,13 +134,14 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     assert "| stock diffusers | 6 | 6 / 6 | 1.00 |" in paths[1].read_text()
 
 
-def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "fasterdiff", "benchmark", "fidelity", "--sampler", "PNDM"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--sampler" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "fasterdiff", "benchmark", "fidelity", "--standin", str(tmp_path)],
-                             cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode == 2 and "python -m fasterdiff.standin.train" in missing.stderr
+def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_path, capsys):
+    from fasterdiff.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["benchmark", "fidelity", "--sampler", "PNDM"])
+    assert done.value.code == 2 and "--sampler" in capsys.readouterr().err
+    assert main(["benchmark", "fidelity", "--standin", str(tmp_path)]) == 2
+    assert "python -m fasterdiff.standin.train" in capsys.readouterr().err
 
 
 PACKAGE = ROOT / "fasterdiff"
@@ -202,16 +201,15 @@ def test_readme_speed_tables_are_the_generated_ones():
         assert table in readme, name
 
 
-def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files():
-    result = subprocess.run(
-        [sys.executable, "-m", "fasterdiff", "benchmark", "speed", "--quick", "--steps", "2", "--rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    wrote = next(line for line in result.stdout.splitlines() if line.startswith("wrote "))
+def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files(capsys):
+    from fasterdiff.__main__ import main
+
+    assert main(["benchmark", "speed", "--quick", "--steps", "2", "--rounds", "1"]) == 0
+    stdout = capsys.readouterr().out
+    wrote = next(line for line in stdout.splitlines() if line.startswith("wrote "))
     paths = [ROOT / p for p in wrote.removeprefix("wrote ").split(", ")]
     try:
-        assert "model: tiny random pipeline" in result.stdout
+        assert "model: tiny random pipeline" in stdout
         assert paths and all(p.is_file() for p in paths)
         if (ROOT / ".git").exists():
             ignored = subprocess.run(["git", "check-ignore", "--no-index", *map(str, paths)], cwd=ROOT,

@@ -115,16 +115,6 @@ def test_a_long_prompts_cut_text_is_logged_once(pipe, tmp_path, capfd):
     assert "Token indices sequence length" not in logs
 
 
-def test_cli_prints_no_torchvision_notice():
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "fasterdiff", "generate", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "--width" in result.stdout
-    assert "torchvision" not in result.stderr, result.stderr
-
-
 class FlagEvery:
     """A stand-in safety checker: flags images by position (pipelines call it with these arguments)."""
 

@@ -81,7 +81,7 @@ def train_classifier(cfg, digits, labels, thick, g, log) -> models.Classifier:
             accs["color"].append((out["color"].argmax(1).numpy() == c).mean())
             accs["thickness"].append((out["thickness"].argmax(1).numpy() == thick[val]).mean())
     log["classifier_validation_accuracy"] = {k: float(np.mean(v)) for k, v in accs.items()}
-    log["classifier_final_loss"] = float(loss)
+    log["classifier_final_loss"] = float(loss.detach())
     return net
 
 
@@ -104,7 +104,7 @@ def train_vae(cfg, digits, g, log):
         sched.step()
         bar.set_postfix(rec=f"{rec_loss.item():.4f}")
     vae.eval()
-    log["vae_final_reconstruction_loss"] = float(rec_loss)
+    log["vae_final_reconstruction_loss"] = float(rec_loss.detach())
     return vae
 
 

@@ -5,8 +5,9 @@
 
 Records, for DDIM-50 and DPM-Solver++-20 at 1 and 4 images per prompt: stock eager, stock
 with ``torch.compile(unet)``, fasterdiff's default, paper (unbounded and auto-bounded),
-uniform-5, auto (which measures its fallback: no SD 1.5 plan file exists here), the
-compiled path, DeepCache intervals 3 and 5 and fasterdiff's own deep plan; seconds per
+uniform-5, auto (which measures its fallback: no SD 1.5 plan file exists here), auto and
+auto-fast with the stand-in's plan file (its calibrated plans run on SD's UNet: their speed,
+not their fidelity), the compiled path, DeepCache intervals 3 and 5 and fasterdiff's own deep plan; seconds per
 call (median and min-max of interleaved rounds after a warm-up), speedup against stock
 within each round, and peak CUDA memory. Then checks that ``enable_model_cpu_offload()``
 works with an accelerated run. Writes ``gpu-check.json`` and ``gpu-check.md``.
@@ -28,8 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
+from fasterdiff.calibrate import PLANS_FILE_NAME  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
+from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
 from fasterdiff.tiny import sd15_unet, tiny_pipeline  # noqa: E402
+
+STANDIN_PLANS = PIPELINE_DIR / PLANS_FILE_NAME
 
 
 @contextlib.contextmanager
@@ -52,6 +57,10 @@ def methods(pipe, compiled_stock, quick: bool):
         "fasterdiff uniform-5": fasterdiff.accelerate(pipe, key_steps=5, max_batch=None),
         "fasterdiff uniform-5, forecast 1": fasterdiff.accelerate(pipe, key_steps=5, forecast=1, max_batch=None),
         "fasterdiff auto (fallback: no plan file)": fasterdiff.accelerate(pipe, key_steps="auto"),
+        # the stand-in has SD 1.5's block layout, so its calibrated plans run on SD's UNet as they are:
+        # their speed here (not their fidelity, which belongs to the stand-in)
+        "fasterdiff auto, the stand-in's calibrated plans": fasterdiff.accelerate(pipe, key_steps="auto", plans=STANDIN_PLANS),
+        "fasterdiff auto-fast, the stand-in's calibrated plans": fasterdiff.accelerate(pipe, key_steps="auto-fast", plans=STANDIN_PLANS),
         "fasterdiff deep, interval 3": fasterdiff.accelerate(pipe, key_steps=3, reuse="deep"),
         "fasterdiff deep, interval 5": fasterdiff.accelerate(pipe, key_steps=5, reuse="deep"),
         "fasterdiff uniform-5, compiled": fasterdiff.accelerate(pipe, key_steps=5, max_batch=None, compile=not quick),

@@ -252,3 +252,23 @@ def test_fidelity_benchmark_adds_the_other_levels_where_their_plans_differ_from_
     assert fidelity._calibrated_levels(pipe, fast, ddim, 8, lambda name, **kw: name) == []
     # no calibration for the run: no rows
     assert fidelity._calibrated_levels(pipe, fast, ddim, 9, lambda name, **kw: name) == []
+
+
+def test_the_standin_plans_run_on_sd15s_unet_layout():
+    """The GPU check times the stand-in's calibrated plans on SD 1.5's UNet: every module they
+    replay exists there (built on the meta device: no weights, no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from fasterdiff.standin import PIPELINE_DIR
+    from fasterdiff.tiny import SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel.from_config(json.loads(SD15_UNET_CONFIG.read_text()))
+    entries = calibrate.read_plans(PIPELINE_DIR / calibrate.PLANS_FILE_NAME)["entries"]
+    assert set(entries) == {"DDIM-50", "DPM-Solver++-20"}  # the GPU check's samplers and step counts
+    for entry in entries.values():
+        for level in calibrate.AUTO_KEY_STEPS.values():
+            row = next(r for r in entry["plans"] if r["name"] == entry["levels"][level]["plan"])
+            plan = fasterdiff.ReusePlan.from_json(row["plan"])
+            plan.check_modules(sd15)
+            assert plan.cached_modules == frozenset(fasterdiff.unet.deep_modules(sd15, 0))

@@ -137,7 +137,8 @@ def run(sampler: str, steps: int, pairs: int, progress: bool = True) -> dict:
             "psnr_pooled": round(calibrate.pooled_psnr(values), 2), "psnr_mean": round(float(values.mean()), 2),
             "psnr_min": round(float(values.min()), 2), "accuracy": round(float(hits.mean()), 4),
             **paired_comparison(hits.tolist(), stock_hits.tolist()),
-            "plan": plan.to_json(),
+            "key_step_list": list(plan.key_steps), "forecast_per_step": list(plan.forecast),
+            "damping_per_step": list(plan.damping),
         })
     return {"sampler": sampler, "steps": steps, "pairs": pairs, "first_seed": DEVELOPMENT_SEED,
             "noise_injection": noise, "date": time.strftime("%Y-%m-%d"), "rows": rows}

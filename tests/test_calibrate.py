@@ -265,7 +265,7 @@ def test_the_standin_plans_run_on_sd15s_unet_layout():
     with torch.device("meta"):
         sd15 = UNet2DConditionModel.from_config(json.loads(SD15_UNET_CONFIG.read_text()))
     entries = calibrate.read_plans(PIPELINE_DIR / calibrate.PLANS_FILE_NAME)["entries"]
-    assert set(entries) == {"DDIM-50", "DPM-Solver++-20"}  # the GPU check's samplers and step counts
+    assert set(entries) >= {"DDIM-50", "DPM-Solver++-20"}  # the GPU check's samplers and step counts
     for entry in entries.values():
         for level in calibrate.AUTO_KEY_STEPS.values():
             row = next(r for r in entry["plans"] if r["name"] == entry["levels"][level]["plan"])

@@ -105,8 +105,8 @@ def plans(unet, timesteps: list[float]) -> list[tuple[str, str, ReusePlan]]:
 
 
 def hits_of(images: torch.Tensor, classifier, wanted) -> np.ndarray:
-    s = score.classify(classifier, images * 2 - 1)
-    return np.logical_and.reduce([s.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in score.ATTRIBUTES])
+    """Per image in [0, 1]: digit, colour and thickness all as the prompt asks."""
+    return score.all_right(score.classify(classifier, images * 2 - 1), wanted)
 
 
 def run(sampler: str, steps: int, pairs: int, progress: bool = True) -> dict:

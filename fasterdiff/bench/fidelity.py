@@ -279,9 +279,7 @@ def _scores(s: score.Scores, wanted, real_features, chunk: int, images=None, sto
     """Accuracy (with a bootstrap interval over pairs), Frechet distance (on all pairs, and
     per seed chunk for its spread: bootstrap resampling would bias it upwards), PSNR, SSIM."""
     acc = score.accuracy(s, wanted)
-    hits = np.logical_and.reduce(
-        [s.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in score.ATTRIBUTES]
-    )
+    hits = score.all_right(s, wanted)
     per_chunk = [
         score.frechet_distance(s.features[i : i + chunk], real_features[i : i + chunk])
         for i in range(0, len(wanted), chunk)

@@ -43,6 +43,11 @@ def classify(classifier: Classifier, images: torch.Tensor, batch: int = 512) -> 
     return Scores({a: np.concatenate(p) for a, p in preds.items()}, np.concatenate(feats).astype(np.float64))
 
 
+def all_right(scores: Scores, wanted: list[data.Attributes]) -> np.ndarray:
+    """Per image: whether every predicted attribute matches the prompt."""
+    return np.logical_and.reduce([scores.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in ATTRIBUTES])
+
+
 def accuracy(scores: Scores, wanted: list[data.Attributes]) -> dict[str, float]:
     """Fraction of images whose predicted attribute matches the prompt, per attribute and all three."""
     hits = {a: scores.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in ATTRIBUTES}

@@ -41,7 +41,7 @@ import fasterdiff  # noqa: E402
 from fasterdiff import calibrate, cost  # noqa: E402
 from fasterdiff import unet as unet_layout  # noqa: E402
 from fasterdiff.bench.fidelity import paired_comparison  # noqa: E402
-from fasterdiff.plan import ReusePlan  # noqa: E402
+from fasterdiff.plan import ReusePlan, deep_plan_from_keys  # noqa: E402
 from fasterdiff.standin import PIPELINE_DIR, data, score  # noqa: E402
 
 DEVELOPMENT_SEED = 2000
@@ -50,7 +50,8 @@ HORIZON = 0.5  # horizon-limited forecast: the longest extrapolation, in gaps
 
 
 def depth_plan(unet, keys, num_steps: int, branch_at) -> ReusePlan:
-    """Deep reuse at ``keys``; a non-key step ``i`` replays the branch ``branch_at(i)``."""
+    """Deep reuse at ``keys``; a non-key step ``i`` replays the branch ``branch_at(i)`` (one
+    branch everywhere: :func:`fasterdiff.plan.deep_plan_from_keys`)."""
     keys = set(keys)
     return ReusePlan(tuple(
         frozenset() if i in keys else frozenset(unet_layout.deep_modules(unet, branch_at(i))) for i in range(num_steps)
@@ -79,7 +80,7 @@ def plans(unet, timesteps: list[float]) -> list[tuple[str, str, ReusePlan]]:
     out = []
     for interval in (3, 5):
         keys = tuple(range(0, n, interval))
-        base = depth_plan(unet, keys, n, lambda i: 0)
+        base = deep_plan_from_keys(unet, keys, n)
         grid = f"grid (interval {interval})"
         out += [
             (grid, f"every {interval}, replay (DeepCache)", base),
@@ -87,14 +88,14 @@ def plans(unet, timesteps: list[float]) -> list[tuple[str, str, ReusePlan]]:
             (grid, f"every {interval}, forecast 1 damped 0.5", base.with_forecast(1, 0.5)),
         ]
         for branch in (1, 2, 3):
-            plan = depth_plan(unet, keys, n, lambda i, b=branch: b)
+            plan = deep_plan_from_keys(unet, keys, n, branch)
             out.append((f"branch depth (interval {interval})", f"every {interval}, branch {branch}", plan))
         cut = MIXED_SHARE * n
         plan = depth_plan(unet, keys, n, lambda i: 1 if i < cut else 0)
         out.append((f"mixed depth (interval {interval})", f"every {interval}, branch 1 then 0", plan))
         early = calibrate.spaced_keys(n, len(keys), calibrate.SPACINGS["early"])
         for spacing, k in (("every", keys), ("early", early)):
-            spaced = depth_plan(unet, k, n, lambda i: 0)
+            spaced = deep_plan_from_keys(unet, k, n)
             label = f"{spacing} {interval}" if spacing == "every" else f"early {len(k)} keys"
             out.append((f"horizon-limited forecast (interval {interval})", f"{label}, forecast 1 within {HORIZON:g} gap",
                         horizon_limited(spaced, timesteps)))

@@ -48,7 +48,7 @@ def main() -> None:
         "fasterdiff auto": (auto, None),
     }
     level = calibrate.choose(auto.settings.plans, pipe.scheduler, args.steps, pipe.unet, level="deepcache-5")
-    if isinstance(level.key_steps, fasterdiff.ReusePlan) and level.name not in calibrate.DEEPCACHE.values():
+    if level.beyond_deepcache:
         fast = fasterdiff.accelerate(pipe, key_steps=level.key_steps, reuse=level.reuse, noise_injection=0)
         methods["fasterdiff calibrated, deepcache-5 level"] = (fast, None)
         chosen += "\n\n" + level.reason

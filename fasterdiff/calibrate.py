@@ -429,6 +429,11 @@ class AutoChoice:
     reason: str
     name: str = ""  # the calibrated plan's name in the plan file
 
+    @property
+    def beyond_deepcache(self) -> bool:
+        """Whether this runs a calibrated plan other than DeepCache's own (interval 3 or 5)."""
+        return isinstance(self.key_steps, ReusePlan) and self.name not in DEEPCACHE.values()
+
 
 def choose(
     plans_file: str | os.PathLike | None, scheduler, num_inference_steps: int, unet, level: str = "auto"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from .calibrate import AUTO_KEY_STEPS
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
@@ -122,9 +123,9 @@ class Request:
         which uses the same).
         """
         self.validate()
-        key_steps = {
-            "non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, "auto": "auto", "auto-fast": "auto-fast"
-        }.get(self.key_step_mode)
+        key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, **{m: m for m in AUTO_KEY_STEPS}}.get(
+            self.key_step_mode
+        )
         if self.key_step_mode == "custom":
             key_steps = parse_step_list(self.custom_key_steps)
         return dict(

@@ -179,7 +179,7 @@ def _calibrated_levels(pipe, fast, scheduler, n: int, acc) -> list[Method]:
     out = []
     for level in ("deepcache-3", "deepcache-5"):
         choice = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
-        if isinstance(choice.key_steps, ReusePlan) and choice.name not in (auto.name, *calibrate.DEEPCACHE.values()):
+        if choice.beyond_deepcache and choice.name != auto.name:
             out.append(acc(f"fasterdiff calibrated plan, {level} level", key_steps=choice.key_steps, reuse=choice.reuse))
     return out
 

@@ -7,21 +7,32 @@ Records, for DDIM-50 and DPM-Solver++-20 at 1 and 4 images per prompt: stock eag
 with ``torch.compile(unet)``, fasterdiff's default, paper (unbounded and auto-bounded),
 uniform-5, auto (which measures its fallback: no SD 1.5 plan file exists here), auto and
 auto-fast with the stand-in's plan file (its calibrated plans run on SD's UNet: their speed,
-not their fidelity), the compiled path, DeepCache intervals 3 and 5 and fasterdiff's own deep plan; seconds per
-call (median and min-max of interleaved rounds after a warm-up), speedup against stock
-within each round, and peak CUDA memory. Then checks that ``enable_model_cpu_offload()``
-works with an accelerated run. Writes ``gpu-check.json`` and ``gpu-check.md``.
+not their fidelity), the compiled path, DeepCache intervals 3 and 5 and fasterdiff's own deep
+plan; at DDIM-50 with one image also both with CUDA graphs (``mode="reduce-overhead"``) and
+with the UNet in channels-last memory format.
+Seconds per call (median and min-max of interleaved rounds after a warm-up), speedup against
+stock within each round, and peak CUDA memory. Then checks that the compiled runs give the
+eager run's latents and that ``enable_model_cpu_offload()`` works with an accelerated run.
+
+It keeps to a time budget (``--budget``, seconds of measuring): configurations run in the
+order above and those that would not fit are left out, a configuration past the budget stops
+after fewer rounds, and a method that fails is recorded with its error and left out of the
+rest of that configuration. ``gpu-check.json`` and ``gpu-check.md`` are written after every
+configuration, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +46,25 @@ from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
 from fasterdiff.tiny import sd15_unet, tiny_pipeline  # noqa: E402
 
 STANDIN_PLANS = PIPELINE_DIR / PLANS_FILE_NAME
+# (sampler, steps, images per prompt), most important first: a short budget drops the last
+CONFIGS = [("DDIM", 50, 1), ("DDIM", 50, 4), ("DPM-Solver++", 20, 1), ("DPM-Solver++", 20, 4)]
+QUICK_CONFIGS = [("DDIM", 6, 1), ("DPM-Solver++", 4, 2)]
+STOCK = "stock eager"
+CUDA_GRAPHS = {"mode": "reduce-overhead"}
+# compiled rows whose latents are compared with their eager twin's after the timing
+COMPILED_TWINS = {
+    "fasterdiff default, compiled": "fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)",
+    "fasterdiff auto (stand-in's plans), compiled": "fasterdiff auto, the stand-in's calibrated plans",
+    "fasterdiff auto (stand-in's plans), compiled, CUDA graphs": "fasterdiff auto, the stand-in's calibrated plans",
+}
+
+
+@dataclass
+class Method:
+    name: str
+    pipe: object
+    context: Callable = contextlib.nullcontext
+    first_config_only: bool = False  # the CUDA-graph rows: their compile costs a minute
 
 
 @contextlib.contextmanager
@@ -50,142 +80,276 @@ def deepcache(pipe, interval):
         helper.disable()
 
 
-def methods(pipe, compiled_stock, quick: bool):
+def stock_compiled(pipe, options: bool | dict):
+    """``pipe`` with ``torch.compile(pipe.unet)`` (``options`` as ``accelerate``'s ``compile``); False: ``pipe``."""
+    if options is False:
+        return pipe
+    unet = torch.compile(pipe.unet, **({} if options is True else options))
+    compiled = type(pipe)(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+    compiled.set_progress_bar_config(disable=True)
+    return compiled
+
+
+def channels_last(pipe):
+    """``pipe`` with its own copy of the UNet in channels-last memory format."""
+    unet = copy.deepcopy(pipe.unet).to(memory_format=torch.channels_last)
+    other = type(pipe)(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def methods(pipe, quick: bool) -> list[Method]:
+    # the CPU dry run compiles nothing (the tests check compiled == eager on their own)
+    compiled, graphs = (False, False) if quick else (True, CUDA_GRAPHS)
+    standin = dict(key_steps="auto", plans=STANDIN_PLANS)
+    out = [
+        Method(STOCK, pipe),
+        Method("stock + torch.compile(unet)", stock_compiled(pipe, compiled)),
+        Method("stock + torch.compile(unet), CUDA graphs", stock_compiled(pipe, graphs), first_config_only=True),
+    ]
+    last = channels_last(pipe)
+    out += [
+        Method("stock, channels_last UNet", last, first_config_only=True),
+        Method("fasterdiff default, channels_last UNet", fasterdiff.accelerate(last), first_config_only=True),
+    ]
     fast = {
-        "fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)": fasterdiff.accelerate(pipe),
+        COMPILED_TWINS["fasterdiff default, compiled"]: fasterdiff.accelerate(pipe),
         "fasterdiff paper, unbounded": fasterdiff.accelerate(pipe, max_batch=None),
         "fasterdiff uniform-5": fasterdiff.accelerate(pipe, key_steps=5, max_batch=None),
         "fasterdiff uniform-5, forecast 1": fasterdiff.accelerate(pipe, key_steps=5, forecast=1, max_batch=None),
         "fasterdiff auto (fallback: no plan file)": fasterdiff.accelerate(pipe, key_steps="auto"),
         # the stand-in has SD 1.5's block layout, so its calibrated plans run on SD's UNet as they are:
         # their speed here (not their fidelity, which belongs to the stand-in)
-        "fasterdiff auto, the stand-in's calibrated plans": fasterdiff.accelerate(pipe, key_steps="auto", plans=STANDIN_PLANS),
+        COMPILED_TWINS["fasterdiff auto (stand-in's plans), compiled"]: fasterdiff.accelerate(pipe, **standin),
         "fasterdiff auto-fast, the stand-in's calibrated plans": fasterdiff.accelerate(pipe, key_steps="auto-fast", plans=STANDIN_PLANS),
         "fasterdiff deep, interval 3": fasterdiff.accelerate(pipe, key_steps=3, reuse="deep"),
         "fasterdiff deep, interval 5": fasterdiff.accelerate(pipe, key_steps=5, reuse="deep"),
-        "fasterdiff uniform-5, compiled": fasterdiff.accelerate(pipe, key_steps=5, max_batch=None, compile=not quick),
+        "fasterdiff default, compiled": fasterdiff.accelerate(pipe, compile=compiled),
+        "fasterdiff auto (stand-in's plans), compiled": fasterdiff.accelerate(pipe, compile=compiled, **standin),
     }
-    out = [("stock eager", pipe, contextlib.nullcontext), ("stock + torch.compile(unet)", compiled_stock, contextlib.nullcontext)]
-    out += [(name, f, contextlib.nullcontext) for name, f in fast.items()]
+    out += [Method(name, f) for name, f in fast.items()]
+    out.append(
+        Method(
+            "fasterdiff auto (stand-in's plans), compiled, CUDA graphs",
+            fasterdiff.accelerate(pipe, compile=graphs, **standin),
+            first_config_only=True,
+        )
+    )
+    for m in out:
+        m.pipe.set_progress_bar_config(disable=True)
     try:
         import DeepCache  # noqa: F401
 
-        out += [(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, k)) for k in (3, 5)]
+        out += [Method(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, k)) for k in (3, 5)]
     except ImportError:
         print("DeepCache not installed: its rows are skipped")
     return out
 
 
-def timed_call(p, kw, sampler, device) -> tuple[float, int]:
+def call(p, kw, prompt="a photo of a cat"):
+    return p(prompt, generator=torch.Generator().manual_seed(0), output_type="latent", **kw).images
+
+
+def timed_call(p, kw, device) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    p("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
+    call(p, kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return time.perf_counter() - start, peak
 
 
-def run_config(rows_out, entries, sampler, steps, images, size, rounds, device):
+def short_error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    return text.splitlines()[0][:300]
+
+
+def run_config(result, entries, config, size, rounds, device, deadline):
+    """Time every entry on one configuration, interleaved; returns the seconds of its last round."""
+    sampler, steps, images = config
     kw = dict(num_inference_steps=steps, num_images_per_prompt=images, height=size, width=size)
-    for name, p, _ in entries:
-        p.scheduler = make_scheduler(sampler, p.scheduler.config)
-    secs = {name: [] for name, _, _ in entries}
-    peaks = {}
+    for m in entries:
+        m.pipe.scheduler = make_scheduler(sampler, m.pipe.scheduler.config)
+    live = list(entries)
+    secs = {m.name: [] for m in entries}
+    peaks = {m.name: 0 for m in entries}
+    round_seconds, done = 0.0, 0
     for r in range(rounds + 1):  # round 0 warms up (and compiles)
-        order = entries[r % len(entries):] + entries[: r % len(entries)]
-        for name, p, ctx in order:
-            with ctx():
-                s, peak = timed_call(p, kw, sampler, device)
+        if r >= 2 and time.perf_counter() + round_seconds > deadline:
+            result["notes"].append(f"{sampler}-{steps}, {images} image(s): {done} of {rounds} rounds (time budget)")
+            break
+        began = time.perf_counter()
+        order = live[r % len(live):] + live[: r % len(live)]
+        for m in order:
+            try:
+                with m.context():
+                    s, peak = timed_call(m.pipe, kw, device)
+            except Exception as err:  # recorded; the rest of the check goes on
+                if m.name == STOCK:
+                    raise
+                result["errors"].append({"sampler": sampler, "steps": steps, "images": images, "method": m.name, "error": short_error(err)})
+                print(f"  {m.name} failed: {short_error(err)}", flush=True)
+                live.remove(m)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if r:
-                secs[name].append(s)
-                peaks[name] = max(peaks.get(name, 0), peak)
-        print(f"  {sampler}-{steps}, {images} image(s): round {r}/{rounds} done", flush=True)
-    stock = secs["stock eager"]
-    for name, _, _ in entries:
-        ratios = [b / a for a, b in zip(secs[name], stock)]
-        rows_out.append(
+                secs[m.name].append(s)
+                peaks[m.name] = max(peaks[m.name], peak)
+        round_seconds = time.perf_counter() - began
+        done = r
+        print(f"  {sampler}-{steps}, {images} image(s): round {r}/{rounds} done in {round_seconds:.0f} s", flush=True)
+    stock = secs[STOCK]
+    for m in entries:
+        if not secs[m.name]:
+            continue
+        ratios = [b / a for a, b in zip(secs[m.name], stock)]
+        result["rows"].append(
             {
                 "sampler": sampler,
                 "steps": steps,
                 "images": images,
-                "method": name,
-                "seconds": secs[name],
-                "seconds_median": statistics.median(secs[name]),
+                "method": m.name,
+                "seconds": secs[m.name],
+                "seconds_median": statistics.median(secs[m.name]),
                 "speedup_median": statistics.median(ratios),
                 "speedup_min": min(ratios),
                 "speedup_max": max(ratios),
-                "peak_mb": round(peaks[name] / 2**20),
+                "peak_mb": round(peaks[m.name] / 2**20),
             }
         )
+    return round_seconds
+
+
+def compiled_equals_eager(entries, config, size) -> list[str]:
+    """Max abs latent difference of each compiled row from its eager twin, on the first configuration at one image."""
+    by_name = {m.name: m for m in entries}
+    kw = dict(num_inference_steps=config[1], height=size, width=size)
+    lines = []
+    for compiled, eager in COMPILED_TWINS.items():
+        try:
+            for name in (compiled, eager):
+                by_name[name].pipe.scheduler = make_scheduler(config[0], by_name[name].pipe.scheduler.config)
+            a, b = call(by_name[compiled].pipe, kw).float().cpu(), call(by_name[eager].pipe, kw).float().cpu()
+            lines.append(f"{compiled}: max abs latent difference to eager {(a - b).abs().max().item():.2e} (latents' max {b.abs().max().item():.2f})")
+        except Exception as err:
+            lines.append(f"{compiled}: {short_error(err)}")
+    return lines
 
 
 def offload_check(pipe, device) -> str:
     if device.type != "cuda":
         return "skipped (needs CUDA)"
-    reference = fasterdiff.accelerate(pipe)("a cat", num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="latent").images
-    other = type(pipe)(**pipe.components, requires_safety_checker=False)
-    fast = fasterdiff.accelerate(other)
-    fast.enable_model_cpu_offload()
-    got = fast("a cat", num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="latent").images
-    diff = (got.float().cpu() - reference.float().cpu()).abs().max().item()
-    return f"ran; max abs latent difference to the same run without offload {diff:.2e}"
+    try:
+        kw = dict(num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="latent")
+        reference = fasterdiff.accelerate(pipe)("a cat", **kw).images
+        other = type(pipe)(**pipe.components, requires_safety_checker=False)
+        fast = fasterdiff.accelerate(other)
+        fast.enable_model_cpu_offload()
+        kw["generator"] = torch.Generator().manual_seed(0)
+        got = fast("a cat", **kw).images
+        diff = (got.float().cpu() - reference.float().cpu()).abs().max().item()
+        return f"ran; max abs latent difference to the same run without offload {diff:.2e}"
+    except Exception as err:
+        return f"failed: {short_error(err)}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="CPU dry run on a tiny pipeline")
-    args = parser.parse_args()
-    quick = args.quick or not torch.cuda.is_available()
-    device = torch.device("cpu" if quick else "cuda")
-    if quick:
-        pipe, size, configs, rounds = tiny_pipeline(), 64, [("DDIM", 6, 1), ("DPM-Solver++", 4, 2)], 1
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        pipe = tiny_pipeline(unet=sd15_unet()).to(device, torch.float16)
-        size, rounds = 512, args.rounds
-        configs = [("DDIM", 50, 1), ("DDIM", 50, 4), ("DPM-Solver++", 20, 1), ("DPM-Solver++", 20, 4)]
-    pipe.set_progress_bar_config(disable=True)
-    compiled_stock = type(pipe)(**{**pipe.components, "unet": pipe.unet if quick else torch.compile(pipe.unet)}, requires_safety_checker=False)
-    compiled_stock.set_progress_bar_config(disable=True)
-    entries = methods(pipe, compiled_stock, quick)
-    started = time.perf_counter()
-    rows = []
-    for sampler, steps, images in configs:
-        run_config(rows, entries, sampler, steps, images, size, rounds, device)
-    offload = offload_check(pipe, device)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result = {
-        "machine": machine,
-        "torch": torch.__version__,
-        "size": size,
-        "rounds": rounds,
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "offload": offload,
-        "rows": rows,
+def compile_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "frames": dict(counters["frames"]),
+        "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),  # graphs run without CUDA graphs (reason in the log)
     }
-    out = Path(args.out)
+
+
+def write(out: Path, result: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu-check.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        f"# GPU check: {machine}, torch {torch.__version__}, {size}px, {rounds} rounds, {result['seconds_total']} s in all",
+        f"# GPU check: {result['machine']}, torch {result['torch']}, {result['size']}px, {result['rounds']} rounds, "
+        f"{result['seconds_total']} s in all",
         "",
-        f"enable_model_cpu_offload() with an accelerated run: {offload}",
+        f"enable_model_cpu_offload() with an accelerated run: {result['offload']}",
+        "",
+        *[f"- {line}" for line in result["compiled_vs_eager"] + result["notes"]],
+        f"- Dynamo: {result['compile']}",
         "",
         "| sampler | images | method | s/call median | speedup median (min-max) | peak MB |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in result["rows"]:
         lines.append(
             f"| {r['sampler']}-{r['steps']} | {r['images']} | {r['method']} | {r['seconds_median']:.3f} | "
             f"{r['speedup_median']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['peak_mb']} |"
         )
-    (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if result["errors"]:
+        lines += ["", "Failed (left out of the rest of their configuration):", ""]
+        lines += [f"- {e['sampler']}-{e['steps']}, {e['images']} image(s), {e['method']}: {e['error']}" for e in result["errors"]]
+    text = "\n".join(lines) + "\n"
+    (out / "gpu-check.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 21), metavar="1-20")
+    parser.add_argument("--budget", type=float, default=360, help="seconds of timing before later configurations are left out (default 360: "
+        "with the set-up, the overrun of the last configuration and the checks after it, about 8 minutes in all)")
+    parser.add_argument("--quick", action="store_true", help="CPU dry run on a tiny pipeline")
+    args = parser.parse_args(argv)
+    quick = args.quick or not torch.cuda.is_available()
+    device = torch.device("cpu" if quick else "cuda")
+    if quick:
+        pipe, size, configs, rounds = tiny_pipeline(), 64, QUICK_CONFIGS, 1
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        pipe = tiny_pipeline(unet=sd15_unet()).to(device, torch.float16)
+        size, rounds, configs = 512, args.rounds, CONFIGS
+    entries = methods(pipe, quick)
+    started = time.perf_counter()
+    deadline = started + args.budget
+    result = {
+        "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "size": size,
+        "rounds": rounds,
+        "budget_s": args.budget,
+        "seconds_total": 0.0,
+        "offload": "not run",
+        "compiled_vs_eager": [],
+        "notes": [],
+        "compile": {},
+        "errors": [],
+        "rows": [],
+    }
+    out = Path(args.out)
+    previous = None  # (config, seconds of its last round)
+    for i, config in enumerate(configs):
+        sampler, steps, images = config
+        if previous is not None:
+            (_, p_steps, p_images), p_round = previous
+            estimate = 2 * p_round * (steps * images) / (p_steps * p_images)  # warm-up and one timed round
+            if time.perf_counter() + estimate > deadline:
+                result["notes"].append(f"{sampler}-{steps}, {images} image(s): left out (time budget; about {estimate:.0f} s needed)")
+                continue
+        chosen = [m for m in entries if i == 0 or not m.first_config_only]
+        previous = config, run_config(result, chosen, config, size, rounds, device, deadline)
+        result["seconds_total"] = round(time.perf_counter() - started, 1)
+        result["compile"] = compile_counters()
+        write(out, result)
+    result["compiled_vs_eager"] = compiled_equals_eager(entries, configs[0], size)
+    result["offload"] = offload_check(pipe, device)
+    result["seconds_total"] = round(time.perf_counter() - started, 1)
+    result["compile"] = compile_counters()
+    print(write(out, result))
+    return result
 
 
 if __name__ == "__main__":

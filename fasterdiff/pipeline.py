@@ -201,7 +201,7 @@ class _Accelerated:
         def timesteps():
             return self.scheduler.timesteps
 
-        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes)
+        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=self._pad_sizes is not None)
         run.stats.plan = chosen
 
         def on_step_end(pipe, i, t, tensors):
@@ -384,7 +384,9 @@ def accelerate(
     ``compile``: True (or a dict of ``torch.compile`` options) gives the new pipeline
     its own compiled view of the UNet (``pipe.unet`` stays eager; the weights are
     shared) and pads batched calls to 2, 4, 8 or 16 steps so that few shapes are
-    compiled. The first calls compile; warm up before timing.
+    compiled. Kept features are copied, so ``mode="reduce-overhead"`` (CUDA graphs,
+    which reuse their output memory on the next replay) replays them intact. The first
+    calls compile; warm up before timing.
     """
     if plans is None:
         plans = default_plans_file(pipe)

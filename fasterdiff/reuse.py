@@ -95,6 +95,7 @@ class Run:
     steps_per_call: int | str | None  # None: a whole group per call; "auto": by memory
     timesteps: Callable[[], torch.Tensor]  # the scheduler's, read at the first evaluation
     pad_sizes: tuple[int, ...] | None = None  # batch only these step counts (compiled UNets)
+    keep_copies: bool = False  # keep copies of outputs (a compiled UNet's CUDA graphs reuse their output memory)
     stats: RunStats = None
     next_step: int = 0
     stash: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
@@ -154,6 +155,8 @@ class ReuseExecutor:
         """Record a computation of one step (the call's first) for later replays."""
         run, ev = self.run, self.evaluation
         history = run.cache.setdefault(name, [])
+        if run.keep_copies:
+            out = _map_tensors(out, torch.clone)
         history.append((float(run.timesteps()[ev.first]), out))
         del history[: -run.plan.history]
 

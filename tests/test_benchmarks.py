@@ -12,6 +12,7 @@ from conftest import gen
 import fasterdiff
 from fasterdiff import features
 from fasterdiff.bench.fidelity import reuse_noise_prediction
+from fasterdiff.tiny import tiny_pipeline
 
 
 def test_recorded_bottleneck_is_the_mid_block_output_of_each_call(pipe):
@@ -231,13 +232,19 @@ def test_paired_comparison_counts_discordant_pairs_with_mcnemars_exact_p():
     assert paired_comparison(stock, stock)["p"] == 1.0
 
 
-def _plan_study():
+def _script(name: str):
+    """A script in benchmarks/, imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plan_study", ROOT / "benchmarks" / "plan_study.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _plan_study():
+    return _script("plan_study")
 
 
 def test_plan_study_horizon_limited_forecast_only_where_the_extrapolation_is_short(pipe):
@@ -268,3 +275,51 @@ def test_plan_study_quick_run_on_the_standin():
         assert r["gained"] - r["lost"] == round((r["accuracy"] - rows["stock"]["accuracy"]) * 2)
         assert r["psnr_min"] <= r["psnr_pooled"] <= r["psnr_mean"]
     assert "| control | stock |" in study.markdown(result, "cmd")
+
+
+def test_gpu_check_dry_run_times_every_method_and_compiled_equals_eager(tmp_path):
+    check = _script("gpu_check")
+    result = check.main(["--quick", "--out", str(tmp_path)])
+    assert result["errors"] == [] and result["notes"] == []
+    methods = check.methods(tiny_pipeline(), quick=True)
+    assert any(m.first_config_only for m in methods)
+    for config in check.QUICK_CONFIGS:
+        rows = [r for r in result["rows"] if (r["sampler"], r["steps"], r["images"]) == config]
+        expected = [m.name for m in methods if config == check.QUICK_CONFIGS[0] or not m.first_config_only]
+        assert sorted(r["method"] for r in rows) == sorted(expected)
+        assert all(r["speedup_median"] > 0 and len(r["seconds"]) == 1 for r in rows)
+    assert next(r for r in result["rows"] if r["method"] == "stock eager")["speedup_median"] == 1.0
+    # every compiled row (Dynamo's eager backend here) gives its eager twin's latents
+    assert len(result["compiled_vs_eager"]) == len(check.COMPILED_TWINS)
+    for line in result["compiled_vs_eager"]:
+        diff = float(line.split("difference to eager ")[1].split()[0])
+        assert diff <= 1e-4, line
+    assert set(result["compile"]) == {"unique_graphs", "graph_breaks", "frames", "cudagraph_skips"}
+    assert json.loads((tmp_path / "gpu-check.json").read_text()) == result
+    assert "| DPM-Solver++-4 | 2 | stock eager |" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_gpu_check_keeps_to_its_budget_and_records_a_failing_method(tmp_path, monkeypatch):
+    check = _script("gpu_check")
+
+    class Broken:
+        scheduler = tiny_pipeline().scheduler
+
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    real = check.methods
+    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.Method("broken", Broken())])
+    result = check.main(["--quick", "--out", str(tmp_path), "--budget", "0"])
+    first, second = check.QUICK_CONFIGS
+    assert [r["method"] for r in result["rows"]] == ["stock eager"]  # the first configuration only
+    assert result["errors"] == [
+        {"sampler": first[0], "steps": first[1], "images": first[2], "method": "broken",
+         "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    ]
+    assert len(result["notes"]) == 1 and result["notes"][0].startswith(f"{second[0]}-{second[1]}, {second[2]} image(s): left out")
+    text = (tmp_path / "gpu-check.md").read_text()
+    assert "broken: RuntimeError: CUDA error" in text and "left out (time budget" in text

@@ -313,6 +313,33 @@ def test_compile_option_pads_batches_so_few_graphs_are_compiled():
     assert pipe.unet is not fast.unet and fast.unet._orig_mod is pipe.unet
 
 
+def test_a_compiled_run_keeps_copies_of_the_features_it_reuses():
+    """CUDA graphs (``mode="reduce-overhead"``) write every replay's output into the same memory, so a
+    feature kept from one key step would change at the next. Here the UNet's first convolution does the same."""
+
+    def conv_in_reusing_its_output_memory(p):
+        conv_in = p.unet.conv_in
+        compute, buffers = conv_in.forward, {}
+
+        def forward(*args, **kwargs):
+            out = compute(*args, **kwargs)
+            if out.shape not in buffers:
+                buffers[out.shape] = torch.empty_like(out)
+            return buffers[out.shape].copy_(out)
+
+        conv_in.forward = forward
+        return p
+
+    kw = dict(num_inference_steps=10, key_steps=5, forecast=1, output_type="np", height=32, width=32)
+    expected = fasterdiff.accelerate(tiny_pipeline(), max_batch=None)("a cat", generator=gen(), **kw).images
+    pipe = conv_in_reusing_its_output_memory(tiny_pipeline())
+    eager = fasterdiff.accelerate(pipe, max_batch=None)("a cat", generator=gen(), **kw).images
+    assert np.abs(eager - expected).max() > 1e-3  # the forecast read one feature twice: the aliasing bites
+    compiled = fasterdiff.accelerate(pipe, max_batch=None, compile={"backend": "eager"})
+    got = compiled("a cat", generator=gen(), **kw).images
+    assert np.abs(got - expected).max() <= 1e-4
+
+
 def _with_ip_adapter(p, embed_dim=12):
     """Random IP-Adapter weights (image projection + per cross-attention k/v) loaded into ``p.unet``."""
     unet, torch_gen = p.unet, torch.Generator().manual_seed(3)

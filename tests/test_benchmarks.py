@@ -283,6 +283,7 @@ def test_gpu_check_dry_run_times_every_method_and_compiled_equals_eager(tmp_path
     assert result["errors"] == [] and result["notes"] == []
     methods = check.methods(tiny_pipeline(), quick=True)
     assert any(m.first_config_only for m in methods)
+    assert [m.name for m in check.methods(tiny_pipeline(), quick=False)] == [m.name for m in methods]  # the GPU's rows
     for config in check.QUICK_CONFIGS:
         rows = [r for r in result["rows"] if (r["sampler"], r["steps"], r["images"]) == config]
         expected = [m.name for m in methods if config == check.QUICK_CONFIGS[0] or not m.first_config_only]

@@ -29,7 +29,7 @@ from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, choices=range(1, 51), metavar="1-50")
     parser.add_argument("--sampler", default="DDIM")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()

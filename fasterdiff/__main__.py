@@ -15,7 +15,7 @@ def _bounded(name: str, kind=int):
     return _in_range(*BOUNDS[name], kind)
 
 
-def _in_range(low, high, kind=int):
+def _in_range(low, high, kind=int, multiple: int = 1):
     def parse(text: str):
         try:
             value = kind(text)
@@ -23,6 +23,8 @@ def _in_range(low, high, kind=int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        if value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {value}")
         return value
 
     return parse
@@ -99,11 +101,11 @@ def _add_benchmark(sub) -> None:
     bsub = p.add_subparsers(dest="benchmark", required=True)
     s = bsub.add_parser("speed", help="time fasterdiff against stock diffusers, interleaved, in one process")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    s.add_argument("--size", type=int, default=None, help="image size (default: 256 on CPU, 512 on CUDA)")
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--size", type=_in_range(32, 1024, multiple=8), default=None, help="image size, 32-1024, a multiple of 8 (default: 256 on CPU, 512 on CUDA)")
+    s.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
     s.add_argument("--sampler", choices=SAMPLER_NAMES, default="DDIM")
-    s.add_argument("--rounds", type=int, default=3)
-    s.add_argument("--max-batch", type=int, default=2, help="max_batch of the memory-bounded parallel method")
+    s.add_argument("--rounds", type=_in_range(1, 20), default=3, help="timed rounds after the warm-up, 1-20 (default: 3)")
+    s.add_argument("--max-batch", type=_in_range(1, 64), default=2, help="max_batch of the memory-bounded parallel method, 1-64 (default: 2)")
     s.add_argument("--quick", action="store_true", help="a tiny random model, seconds: only shows that the benchmark runs")
     s.add_argument(
         "--out",
@@ -124,7 +126,7 @@ def _add_fidelity(bsub) -> None:
     f.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
     f.add_argument("--seeds", type=_in_range(1, 20), default=3, help="seeds per prompt, 180 prompts (default: 3)")
     f.add_argument("--prompts", type=_in_range(1, 180), default=None, help="only the first N prompts (quick runs)")
-    f.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
+    f.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5, help="1-20 (default: 7.5)")
     f.add_argument("--standin", default=None, help="stand-in folder (default: standin/)")
     f.add_argument("--out", help="output path prefix (default: benchmarks/results/fidelity-<sampler>-<steps>)")
 
@@ -167,7 +169,7 @@ def _add_analyze(sub) -> None:
     f.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM", help="deterministic samplers only (default: DDIM)")
     f.add_argument("--steps", type=_in_range(2, 100), default=50, help="2-100 (default: 50)")
     f.add_argument("--prompt", action="append", help="repeatable (default: 8 stand-in prompts)")
-    f.add_argument("--guidance-scale", type=float, default=7.5)
+    f.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5, help="1-20 (default: 7.5)")
     f.add_argument("--out", help="output path prefix (default: benchmarks/results/features-<model>-<sampler>-<steps>)")
 
 
@@ -240,7 +242,7 @@ def _add_calibrate(sub) -> None:
     c.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5)
     c.add_argument("--noise-injection", type=_bounded("noise_injection_strength", float), default=None,
                    help="the noise injection the plans are measured with (default: the library's, 0.003)")
-    c.add_argument("--size", type=_in_range(32, 1024), default=None, help="image size (default: the model's native size)")
+    c.add_argument("--size", type=_in_range(32, 1024, multiple=8), default=None, help="image size, 32-1024, a multiple of 8 (default: the model's native size)")
     c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
     c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")
 

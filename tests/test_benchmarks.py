@@ -145,6 +145,26 @@ def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_pat
     assert "python -m fasterdiff.standin.train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, flag, message",
+    [
+        (["benchmark", "speed", "--rounds", "0"], "--rounds", "must be in [1, 20], got 0"),
+        (["benchmark", "speed", "--steps", "0"], "--steps", "must be in [2, 100], got 0"),
+        (["benchmark", "speed", "--size", "100"], "--size", "must be a multiple of 8, got 100"),
+        (["benchmark", "speed", "--max-batch", "0"], "--max-batch", "must be in [1, 64], got 0"),
+        (["benchmark", "fidelity", "--guidance-scale", "nan"], "--guidance-scale", "got nan"),
+        (["calibrate", "--size", "33"], "--size", "must be a multiple of 8, got 33"),
+    ],
+)
+def test_benchmark_and_calibrate_arguments_are_bounded(argv, flag, message, capsys):
+    from fasterdiff.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and flag in err and message in err, err
+
+
 PACKAGE = ROOT / "fasterdiff"
 
 

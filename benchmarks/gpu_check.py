@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
+from fasterdiff.bench.harness import deepcache  # noqa: E402
 from fasterdiff.calibrate import PLANS_FILE_NAME  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
 from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
@@ -65,19 +67,6 @@ class Method:
     pipe: object
     context: Callable = contextlib.nullcontext
     first_config_only: bool = False  # the CUDA-graph rows: their compile costs a minute
-
-
-@contextlib.contextmanager
-def deepcache(pipe, interval):
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    helper.enable()
-    try:
-        yield
-    finally:
-        helper.disable()
 
 
 def stock_compiled(pipe, options: bool | dict):
@@ -136,7 +125,7 @@ def methods(pipe, quick: bool) -> list[Method]:
     try:
         import DeepCache  # noqa: F401
 
-        out += [Method(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, k)) for k in (3, 5)]
+        out += [Method(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, interval=k)) for k in (3, 5)]
     except ImportError:
         print("DeepCache not installed: its rows are skipped")
     return out
@@ -163,8 +152,11 @@ def short_error(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def run_config(result, entries, config, size, rounds, device, deadline):
-    """Time every entry on one configuration, interleaved; returns the seconds of its last round."""
+def run_config(result, entries, config, size, rounds, device, deadline, checkpoint):
+    """Time every entry on one configuration, interleaved; returns the seconds of its last round.
+
+    After every timed round the configuration's rows in ``result`` are updated and ``checkpoint()``
+    writes them, so a run killed mid-way keeps its finished rounds."""
     sampler, steps, images = config
     kw = dict(num_inference_steps=steps, num_images_per_prompt=images, height=size, width=size)
     for m in entries:
@@ -189,7 +181,7 @@ def run_config(result, entries, config, size, rounds, device, deadline):
                 result["errors"].append({"sampler": sampler, "steps": steps, "images": images, "method": m.name, "error": short_error(err)})
                 print(f"  {m.name} failed: {short_error(err)}", flush=True)
                 live.remove(m)
-                if device.type == "cuda":
+                with contextlib.suppress(Exception):  # a broken CUDA context raises here too
                     torch.cuda.empty_cache()
                 continue
             if r:
@@ -198,12 +190,22 @@ def run_config(result, entries, config, size, rounds, device, deadline):
         round_seconds = time.perf_counter() - began
         done = r
         print(f"  {sampler}-{steps}, {images} image(s): round {r}/{rounds} done in {round_seconds:.0f} s", flush=True)
-    stock = secs[STOCK]
+        if r:
+            result["rows"] = [row for row in result["rows"] if (row["sampler"], row["steps"], row["images"]) != config]
+            result["rows"] += summary_rows(config, entries, secs, peaks)
+            checkpoint()
+    return round_seconds
+
+
+def summary_rows(config, entries, secs, peaks) -> list[dict]:
+    sampler, steps, images = config
+    rows = []
     for m in entries:
         if not secs[m.name]:
             continue
-        ratios = [b / a for a, b in zip(secs[m.name], stock)]
-        result["rows"].append(
+        # a method that failed has fewer rounds, always the first ones: zip pairs them with stock's
+        ratios = [b / a for a, b in zip(secs[m.name], secs[STOCK])]
+        rows.append(
             {
                 "sampler": sampler,
                 "steps": steps,
@@ -217,7 +219,7 @@ def run_config(result, entries, config, size, rounds, device, deadline):
                 "peak_mb": round(peaks[m.name] / 2**20),
             }
         )
-    return round_seconds
+    return rows
 
 
 def compiled_equals_eager(entries, config, size) -> list[str]:
@@ -226,6 +228,9 @@ def compiled_equals_eager(entries, config, size) -> list[str]:
     kw = dict(num_inference_steps=config[1], height=size, width=size)
     lines = []
     for compiled, eager in COMPILED_TWINS.items():
+        if compiled not in by_name or eager not in by_name:
+            lines.append(f"{compiled}: not compared (it or its eager twin failed)")
+            continue
         try:
             for name in (compiled, eager):
                 by_name[name].pipe.scheduler = make_scheduler(config[0], by_name[name].pipe.scheduler.config)
@@ -292,24 +297,37 @@ def write(out: Path, result: dict) -> str:
     return text
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 3600] seconds, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 21), metavar="1-20")
-    parser.add_argument("--budget", type=float, default=360, help="seconds of timing before later configurations are left out (default 360: "
-        "with the set-up, the overrun of the last configuration and the checks after it, about 8 minutes in all)")
+    parser.add_argument("--rounds", type=int, default=None, choices=range(1, 21), metavar="1-20", help="timed rounds (default: 3; 1 with --quick)")
+    parser.add_argument(
+        "--budget", type=seconds, default=420,
+        help="seconds from the start, set-up included, after which no further configuration or round starts "
+        "(default 420: with the last round's overrun and the checks after it, about 8 minutes in all)",
+    )
     parser.add_argument("--quick", action="store_true", help="CPU dry run on a tiny pipeline")
     args = parser.parse_args(argv)
     quick = args.quick or not torch.cuda.is_available()
     device = torch.device("cpu" if quick else "cuda")
     if quick:
-        pipe, size, configs, rounds = tiny_pipeline(), 64, QUICK_CONFIGS, 1
+        pipe, size, configs = tiny_pipeline(), 64, QUICK_CONFIGS
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
+        # every compiled row compiles the same UNet code: room for their variants (8 by default)
+        torch._dynamo.config.recompile_limit = 64
         pipe = tiny_pipeline(unet=sd15_unet()).to(device, torch.float16)
-        size, rounds, configs = 512, args.rounds, CONFIGS
+        size, configs = 512, CONFIGS
+    rounds = args.rounds or (1 if quick else 3)
     entries = methods(pipe, quick)
-    started = time.perf_counter()
     deadline = started + args.budget
     result = {
         "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -326,25 +344,34 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [],
     }
     out = Path(args.out)
-    previous = None  # (config, seconds of its last round)
-    for i, config in enumerate(configs):
-        sampler, steps, images = config
-        if previous is not None:
-            (_, p_steps, p_images), p_round = previous
-            estimate = 2 * p_round * (steps * images) / (p_steps * p_images)  # warm-up and one timed round
-            if time.perf_counter() + estimate > deadline:
-                result["notes"].append(f"{sampler}-{steps}, {images} image(s): left out (time budget; about {estimate:.0f} s needed)")
-                continue
-        chosen = [m for m in entries if i == 0 or not m.first_config_only]
-        previous = config, run_config(result, chosen, config, size, rounds, device, deadline)
+
+    def checkpoint():
         result["seconds_total"] = round(time.perf_counter() - started, 1)
         result["compile"] = compile_counters()
-        write(out, result)
-    result["compiled_vs_eager"] = compiled_equals_eager(entries, configs[0], size)
-    result["offload"] = offload_check(pipe, device)
-    result["seconds_total"] = round(time.perf_counter() - started, 1)
-    result["compile"] = compile_counters()
-    print(write(out, result))
+        return write(out, result)
+
+    previous = None  # (config, seconds of its last round)
+    try:
+        for i, config in enumerate(configs):
+            sampler, steps, images = config
+            if previous is not None:
+                (_, p_steps, p_images), p_round = previous
+                estimate = 2 * p_round * (steps * images) / (p_steps * p_images)  # warm-up and one timed round
+                if time.perf_counter() + estimate > deadline:
+                    result["notes"].append(f"{sampler}-{steps}, {images} image(s): left out (time budget; about {estimate:.0f} s needed)")
+                    continue
+            chosen = [m for m in entries if i == 0 or not m.first_config_only]
+            previous = config, run_config(result, chosen, config, size, rounds, device, deadline, checkpoint)
+        if time.perf_counter() < deadline + 60:
+            failed = {e["method"] for e in result["errors"]}
+            twins = [m for m in entries if m.name not in failed]
+            result["compiled_vs_eager"] = compiled_equals_eager(twins, configs[0], size)
+            result["offload"] = offload_check(pipe, device)
+        else:
+            result["notes"].append("compiled-vs-eager and offload checks left out (time budget)")
+    finally:  # whatever happened, what was measured is written
+        text = checkpoint()
+    print(text)
     return result
 
 

@@ -23,7 +23,7 @@ def _in_range(low, high, kind=int, multiple: int = 1):
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
-        if value % multiple:
+        if multiple > 1 and value % multiple:
             raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {value}")
         return value
 

@@ -65,7 +65,8 @@ class Settings:
       branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
       max_batch: "auto" (default): steps per batched call chosen from 1, 2, 4, 8, 16 so
         that the peak memory stays within 1.5x stock's and within free CUDA memory
-        (measured on the run's first UNet call); on the CPU 4 steps per call. An int:
+        (measured once per latent shape, on the first call of the first run); on the
+        CPU 4 steps per call. An int:
         at most this many images per batched call (a call holds at least one step).
         None: a whole group per call (fastest, most memory).
       noise_injection_start: inject before steps whose timestep is below this
@@ -201,7 +202,9 @@ class _Accelerated:
         def timesteps():
             return self.scheduler.timesteps
 
-        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=self._pad_sizes is not None)
+        # a compiled UNet (ours, or one the user compiled) may run CUDA graphs, which reuse output memory
+        compiled = self._pad_sizes is not None or hasattr(self.unet, "_orig_mod")
+        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=compiled)
         run.stats.plan = chosen
 
         def on_step_end(pipe, i, t, tensors):

@@ -117,7 +117,10 @@ class ReuseExecutor:
     def __init__(self):
         self.run: Run | None = None
         self.evaluation: _Evaluation | None = None
-        self.auto_steps: int | None = None  # max_batch="auto", measured on the first call
+        # max_batch="auto": steps per call by the sample's shape, measured on the first call of each
+        # shape (once: a CUDA graph's replay allocates nothing new, so a later measurement would not see it)
+        self.auto_steps: dict[tuple[int, ...], int] = {}
+        self.shape: tuple[int, ...] | None = None  # the current run's sample shape
         self._wrappers: dict[tuple[int, str], Callable] = {}
 
     # -- installing -----------------------------------------------------------------
@@ -199,6 +202,8 @@ class ReuseExecutor:
             log.warning("step %d: the pipeline's timestep differs from the scheduler's; computing it on its own", i)
             run.stash.clear()
             run.parallel = False
+        if self.shape is None:
+            self.shape = tuple(sample.shape)
         steps = self._steps_for(i, timestep)
         rows = sample.shape[0]
         while True:
@@ -236,7 +241,7 @@ class ReuseExecutor:
         if run.steps_per_call == "auto":
             if not _memory_known(self):
                 return 1  # the first call runs alone and measures what one step needs
-            run.steps_per_call = self.auto_steps
+            run.steps_per_call = self.auto_steps[self.shape]
         if run.pad_sizes:
             steps = min(steps, max(run.pad_sizes))
         return steps if run.steps_per_call is None else min(steps, run.steps_per_call)
@@ -250,7 +255,7 @@ class ReuseExecutor:
         if steps > 1 and run.pad_sizes:
             padded = min(s for s in run.pad_sizes if s >= steps)
         self.evaluation = _Evaluation(replay=replay, first=i, real=steps, steps=padded, rows=rows, fresh=fresh)
-        measure = run.steps_per_call == "auto" and torch.cuda.is_available() and i == 0
+        measure = run.steps_per_call == "auto" and not _memory_known(self)
         if measure:
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -266,8 +271,8 @@ class ReuseExecutor:
         finally:
             self.evaluation = None
         if measure:
-            self.auto_steps = steps_within_memory(before, torch.cuda.max_memory_allocated() - before)
-            log.info("max_batch='auto': %d steps per call", self.auto_steps)
+            self.auto_steps[self.shape] = steps_within_memory(before, torch.cuda.max_memory_allocated() - before)
+            log.info("max_batch='auto': %d steps per call", self.auto_steps[self.shape])
         run.stats.decoder_calls += 1
         run.stats.decoder_steps_per_call.append(steps)
         run.stats.encoder_calls += int(fresh)
@@ -301,9 +306,9 @@ def steps_within_memory(resident: int, per_step: int, free: int | None = None) -
 
 def _memory_known(executor: ReuseExecutor) -> bool:
     if not torch.cuda.is_available():
-        executor.auto_steps = CPU_AUTO_STEPS
+        executor.auto_steps[executor.shape] = CPU_AUTO_STEPS
         return True
-    return executor.auto_steps is not None
+    return executor.shape in executor.auto_steps
 
 
 class _Installed:
@@ -327,7 +332,7 @@ class _Installed:
             self._restore()
             raise
         ex.run = self.run
-        ex.auto_steps = None  # measured again for this call's size
+        ex.shape = None  # read at the first evaluation
         return self.run
 
     def __exit__(self, *exc):

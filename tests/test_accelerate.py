@@ -239,3 +239,23 @@ def test_max_batch_auto_bounds_steps_per_call(pipe, monkeypatch):
     assert reuse.steps_within_memory(resident=1000, per_step=10, free=10**9) == 16
     assert reuse.steps_within_memory(resident=1000, per_step=100, free=150) == 2  # free memory binds
     assert reuse.steps_within_memory(resident=0, per_step=100, free=10**9) == 1
+
+
+def test_max_batch_auto_measures_the_first_call_of_each_shape_once(pipe, monkeypatch):
+    """With CUDA, the first call of a run of a new shape runs alone and measures what a step adds
+    at its peak; later runs of that shape keep the answer (a CUDA graph's replay allocates nothing
+    new, so measuring it again would see no cost). CUDA's memory counters are faked here."""
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(1))
+    # the first measurement sees 100 bytes per step (-> 4 steps per call); any later one would see 0 (-> 16)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1100 if len(resets) == 1 else 1000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9, 10**9))
+    fast = fasterdiff.accelerate(pipe, key_steps=5)  # groups of 5 steps
+    first = run(fast, steps=20).stats.decoder_steps_per_call
+    second = run(fast, steps=20).stats.decoder_steps_per_call
+    assert first == [1, 4] + [4, 1] * 3  # measured alone, then at most 4 per call
+    assert second == [4, 1] * 4 and len(resets) == 1
+    other = fast("a cat", num_inference_steps=20, height=32, width=32, output_type="latent", generator=gen())
+    assert other.stats.decoder_steps_per_call[0] == 1 and len(resets) == 2  # another shape is measured

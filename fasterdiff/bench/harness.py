@@ -36,6 +36,8 @@ def installed(module: str) -> bool:
 def deepcache(pipe, interval: int = 3, branch: int = 0):
     from DeepCache import DeepCacheSDHelper
 
+    modules = list(pipe.unet.modules())
+    had_own = [("forward" in vars(m)) for m in modules]
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
@@ -43,6 +45,11 @@ def deepcache(pipe, interval: int = 3, branch: int = 0):
         yield
     finally:
         helper.disable()
+        # disable() leaves each module's original bound forward set on the instance; drop those, so
+        # the UNet is as it was (torch.compile's guards, for one, check that no instance forward is set)
+        for m, own in zip(modules, had_own):
+            if not own:
+                vars(m).pop("forward", None)
 
 
 @contextlib.contextmanager

@@ -336,6 +336,9 @@ def test_a_compiled_run_keeps_copies_of_the_features_it_reuses():
     compiled = fasterdiff.accelerate(pipe, max_batch=None, compile={"backend": "eager"})
     got = compiled("a cat", generator=gen(), **kw).images
     assert np.abs(got - expected).max() <= 1e-4
+    pipe.unet = torch.compile(pipe.unet, backend="eager")  # compiled by the user: copies kept too
+    got = fasterdiff.accelerate(pipe, max_batch=None)("a cat", generator=gen(), **kw).images
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def _with_ip_adapter(p, embed_dim=12):

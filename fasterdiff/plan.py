@@ -88,8 +88,7 @@ class ReusePlan:
     @property
     def groups(self) -> list[range]:
         """Each key step with the non-key steps that follow it, in order."""
-        bounds = list(self.key_steps) + [self.num_steps]
-        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        return schedule.groups(self.key_steps, self.num_steps)
 
     @property
     def batchable(self) -> bool:

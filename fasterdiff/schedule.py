@@ -83,6 +83,12 @@ def parse_step_list(text: str) -> list[int]:
     return out
 
 
+def groups(key_steps: Sequence[int], num_steps: int) -> list[range]:
+    """Each key step with the non-key steps that follow it, in order."""
+    bounds = list(key_steps) + [num_steps]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 @dataclass(frozen=True)
 class KeySteps:
     """Which of ``num_steps`` steps run the encoder, and the groups that share features."""
@@ -93,8 +99,7 @@ class KeySteps:
     @property
     def groups(self) -> list[range]:
         """Each key step with the non-key steps that follow it, in order."""
-        bounds = list(self.steps) + [self.num_steps]
-        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        return groups(self.steps, self.num_steps)
 
 
 def resolve(key_steps, num_steps: int) -> KeySteps:

@@ -17,18 +17,19 @@ from typing import Optional
 from cog import BaseRunner, Input, Path
 
 from fasterdiff import load_pipeline
-from fasterdiff.service import Generator, Request, env_flag
+from fasterdiff.service import Generator, Request, env_compile, env_flag
 from fasterdiff.weights import ensure_weights
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        # FASTERDIFF_COMPILE=1: torch.compile the UNet (first calls compile; see README).
+        # FASTERDIFF_COMPILE=1 (or a torch.compile mode, e.g. reduce-overhead for CUDA graphs):
+        # torch.compile the UNet (first calls compile; see README).
         # FASTERDIFF_WARMUP: one thrown-away prediction here (default: on a GPU or when compiling).
-        compile_unet = env_flag("FASTERDIFF_COMPILE", False)
+        compile_unet = env_compile("FASTERDIFF_COMPILE")
         self.generator = Generator(load_pipeline(ensure_weights(), local_files_only=True), compile=compile_unet)
-        if env_flag("FASTERDIFF_WARMUP", compile_unet or self.generator.device.type == "cuda"):
+        if env_flag("FASTERDIFF_WARMUP", bool(compile_unet) or self.generator.device.type == "cuda"):
             seconds = self.generator.warm_up()
             logging.info("warm-up: %.1f s (compile: %s)", seconds, compile_unet)
         # One folder for outputs, emptied at the start of each prediction: cog has

@@ -7,7 +7,8 @@ Records, for DDIM-50 and DPM-Solver++-20 at 1 and 4 images per prompt: stock eag
 with ``torch.compile(unet)``, fasterdiff's default (``auto``, which runs its fallback, the
 paper's key steps: no SD 1.5 plan file exists here; ``max_batch="auto"``), paper unbounded,
 uniform-5, auto and auto-fast with the stand-in's plan file (its calibrated plans run on SD's
-UNet: their speed, not their fidelity), the compiled path (default and stand-in auto), and
+UNet: their speed, not their fidelity), the compiled path (default, paper unbounded, whose
+padded batches show what padding costs, and stand-in auto), and
 DeepCache intervals 3 and 5; at DDIM-50 with one image also stock and stand-in auto with CUDA
 graphs (``mode="reduce-overhead"``), and stock and the default with a channels-last UNet.
 Seconds per call (median and min-max of interleaved rounds after a warm-up), speedup against
@@ -56,6 +57,7 @@ CUDA_GRAPHS = {"mode": "reduce-overhead"}
 # compiled rows whose latents are compared with their eager twin's after the timing
 COMPILED_TWINS = {
     "fasterdiff default, compiled": "fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)",
+    "fasterdiff paper, unbounded, compiled": "fasterdiff paper, unbounded",
     "fasterdiff auto (stand-in's plans), compiled": "fasterdiff auto, the stand-in's calibrated plans",
     "fasterdiff auto (stand-in's plans), compiled, CUDA graphs": "fasterdiff auto, the stand-in's calibrated plans",
 }
@@ -111,6 +113,8 @@ def methods(pipe, quick: bool) -> list[Method]:
         "fasterdiff auto-fast, the stand-in's calibrated plans": fasterdiff.accelerate(pipe, key_steps="auto-fast", plans=STANDIN_PLANS),
         "fasterdiff default, compiled": fasterdiff.accelerate(pipe, compile=compiled),
         "fasterdiff auto (stand-in's plans), compiled": fasterdiff.accelerate(pipe, compile=compiled, **standin),
+        # the same plan as "paper, unbounded": compiled, its groups of 5, 10 and 15 steps run padded to 8 and 16
+        "fasterdiff paper, unbounded, compiled": fasterdiff.accelerate(pipe, max_batch=None, compile=compiled),
     }
     out += [Method(name, f) for name, f in fast.items()]
     out.append(

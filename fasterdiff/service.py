@@ -285,6 +285,25 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
 
 
+# torch.compile modes FASTERDIFF_COMPILE may name; "reduce-overhead" and "max-autotune" use CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def env_compile(name: str = "FASTERDIFF_COMPILE") -> bool | dict:
+    """``accelerate``'s ``compile`` from the environment: a yes/no flag (yes: torch.compile's
+    default mode) or one of :data:`COMPILE_MODES`; unset: False."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in COMPILE_MODES:
+        return True if value == "default" else {"mode": value}
+    try:
+        return env_flag(name, False)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be 1/true/yes/on, 0/false/no/off or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+            f"got {os.environ[name]!r}"
+        ) from None
+
+
 # diffusers logs the cut text of a long prompt at every encode_prompt; the messages above say it once.
 _ENCODE_PROMPT_LOGGER = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
 

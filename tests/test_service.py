@@ -190,3 +190,17 @@ def test_warm_up_compiles_what_a_default_request_needs(pipe, tmp_path):
         result = generator(Request(prompt="a dog", seed=5, disable_safety_checker=checked), tmp_path)
         assert result.stats.encoder_calls < result.stats.num_steps
     assert counter.frame_count == frames  # the first real requests compile nothing new
+
+
+def test_compile_setting_from_the_environment(monkeypatch):
+    from fasterdiff.service import env_compile
+
+    monkeypatch.delenv("FASTERDIFF_COMPILE", raising=False)
+    assert env_compile() is False
+    for value, expected in (("1", True), ("off", False), ("Default", True), (" reduce-overhead ", {"mode": "reduce-overhead"}),
+                            ("max-autotune", {"mode": "max-autotune"})):
+        monkeypatch.setenv("FASTERDIFF_COMPILE", value)
+        assert env_compile() == expected, value
+    monkeypatch.setenv("FASTERDIFF_COMPILE", "fast")
+    with pytest.raises(ValueError, match=r"FASTERDIFF_COMPILE must be .* a torch.compile mode \(default, reduce-overhead"):
+        env_compile()

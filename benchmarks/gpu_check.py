@@ -16,11 +16,12 @@ stock within each round, and peak CUDA memory. After the first configuration it 
 compiled runs give their eager twins' latents and that ``enable_model_cpu_offload()`` works
 with an accelerated run.
 
-It keeps to a time budget (``--budget``, seconds of measuring): configurations run in the
+It keeps to a time budget counted from its start (``--budget``): configurations run in the
 order above and those that would not fit are left out, a configuration past the budget stops
-after fewer rounds, and a method that fails is recorded with its error and left out of the
-rest of that configuration. ``gpu-check.json`` and ``gpu-check.md`` are written after every
-configuration, so a run cut short still leaves what it measured.
+after fewer rounds (and one a minute past it before its first timed round), and a method that
+fails is recorded with its error and left out of the rest of that configuration.
+``gpu-check.json`` and ``gpu-check.md`` are written after every round, on SIGTERM and on any
+error, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import copy
 import json
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -55,7 +57,7 @@ CONFIGS = [("DDIM", 50, 1), ("DDIM", 50, 4), ("DPM-Solver++", 20, 1), ("DPM-Solv
 QUICK_CONFIGS = [("DDIM", 6, 1), ("DPM-Solver++", 4, 2)]
 STOCK = "stock eager"
 CUDA_GRAPHS = {"mode": "reduce-overhead"}
-# compiled rows whose latents are compared with their eager twin's after the timing
+# fasterdiff's compiled rows, whose latents are compared with their eager twin's after the first configuration
 COMPILED_TWINS = {
     "fasterdiff default, compiled": "fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)",
     "fasterdiff paper, unbounded, compiled": "fasterdiff paper, unbounded",
@@ -157,10 +159,11 @@ def short_error(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def run_config(result, entries, config, size, rounds, device, deadline, checkpoint):
-    """Time every entry on one configuration, interleaved; returns the seconds of its last round.
+def run_config(result, entries, config, size, rounds, device, deadline, checkpoint) -> tuple[float, float]:
+    """Time every entry on one configuration, interleaved; returns the seconds of its warm-up
+    round and of its last timed round.
 
-    After every timed round the configuration's rows in ``result`` are updated and ``checkpoint()``
+    After every round the configuration's rows in ``result`` are updated and ``checkpoint()``
     writes them, so a run killed mid-way keeps its finished rounds."""
     sampler, steps, images = config
     kw = dict(num_inference_steps=steps, num_images_per_prompt=images, height=size, width=size)
@@ -169,9 +172,10 @@ def run_config(result, entries, config, size, rounds, device, deadline, checkpoi
     live = list(entries)
     secs = {m.name: [] for m in entries}
     peaks = {m.name: 0 for m in entries}
-    round_seconds, done = 0.0, 0
+    round_seconds, warm_up, done = 0.0, 0.0, 0
     for r in range(rounds + 1):  # round 0 warms up (and compiles)
-        if r >= 2 and time.perf_counter() + round_seconds > deadline:
+        late = time.perf_counter() > deadline + 60 if r == 1 else time.perf_counter() + round_seconds > deadline
+        if r >= 1 and late:
             result["notes"].append(f"{sampler}-{steps}, {images} image(s): {done} of {rounds} rounds (time budget)")
             break
         began = time.perf_counter()
@@ -193,14 +197,14 @@ def run_config(result, entries, config, size, rounds, device, deadline, checkpoi
                 secs[m.name].append(s)
                 peaks[m.name] = max(peaks[m.name], peak)
         round_seconds = time.perf_counter() - began
+        warm_up = warm_up or round_seconds
         done = r
         print(f"  {sampler}-{steps}, {images} image(s): round {r}/{rounds} done in {round_seconds:.0f} s "
               f"({time.perf_counter() - deadline:+.0f} s from the deadline)", flush=True)
-        if r:
-            result["rows"] = [row for row in result["rows"] if (row["sampler"], row["steps"], row["images"]) != config]
-            result["rows"] += summary_rows(config, entries, secs, peaks)
-            checkpoint()
-    return round_seconds
+        result["rows"] = [row for row in result["rows"] if (row["sampler"], row["steps"], row["images"]) != config]
+        result["rows"] += summary_rows(config, entries, secs, peaks)
+        checkpoint()
+    return warm_up, round_seconds
 
 
 def summary_rows(config, entries, secs, peaks) -> list[dict]:
@@ -217,7 +221,7 @@ def summary_rows(config, entries, secs, peaks) -> list[dict]:
                 "steps": steps,
                 "images": images,
                 "method": m.name,
-                "seconds": secs[m.name],
+                "seconds": list(secs[m.name]),  # a copy: later rounds append to secs
                 "seconds_median": statistics.median(secs[m.name]),
                 "speedup_median": statistics.median(ratios),
                 "speedup_min": min(ratios),
@@ -250,11 +254,13 @@ def compiled_equals_eager(entries, config, size) -> list[str]:
 def offload_check(pipe, device) -> str:
     if device.type != "cuda":
         return "skipped (needs CUDA)"
+    fast = None
     try:
         kw = dict(num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="latent")
         reference = fasterdiff.accelerate(pipe)("a cat", **kw).images
-        other = type(pipe)(**pipe.components, requires_safety_checker=False)
-        fast = fasterdiff.accelerate(other)
+        # copies of the models: offloading moves them and hooks them, and later rows time ``pipe``'s
+        copies = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in pipe.components.items()}
+        fast = fasterdiff.accelerate(type(pipe)(**copies, requires_safety_checker=False))
         fast.enable_model_cpu_offload()
         kw["generator"] = torch.Generator().manual_seed(0)
         got = fast("a cat", **kw).images
@@ -262,6 +268,10 @@ def offload_check(pipe, device) -> str:
         return f"ran; max abs latent difference to the same run without offload {diff:.2e}"
     except Exception as err:
         return f"failed: {short_error(err)}"
+    finally:
+        del fast
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
 
 
 def compile_counters() -> dict:
@@ -317,9 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, choices=range(1, 21), metavar="1-20", help="timed rounds (default: 3; 1 with --quick)")
     parser.add_argument(
         "--budget", type=seconds, default=480,
-        help="seconds from the start, set-up included, after which no further configuration or round starts "
-        "(default 480: with the last round's overrun, about 9 minutes in all; a run stopped from outside keeps "
-        "every finished round)",
+        help="seconds from the start, set-up included, after which no further configuration or timed round starts "
+        "(a configuration's first timed round: up to a minute later). Default 480: with the last round's overrun, "
+        "about 9 minutes in all; a run stopped from outside (SIGTERM) keeps every finished round",
     )
     parser.add_argument("--quick", action="store_true", help="CPU dry run on a tiny pipeline")
     args = parser.parse_args(argv)
@@ -357,13 +367,16 @@ def main(argv: list[str] | None = None) -> dict:
         result["compile"] = compile_counters()
         return write(out, result)
 
-    previous = None  # (config, seconds of its last round)
+    previous = None  # (config, (seconds of its warm-up round, of its last timed round))
+    stop_on_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         for i, config in enumerate(configs):
             sampler, steps, images = config
             if previous is not None:
-                (_, p_steps, p_images), p_round = previous
-                estimate = 2 * p_round * (steps * images) / (p_steps * p_images)  # warm-up and one timed round
+                (_, p_steps, p_images), (p_warm_up, p_round) = previous
+                scale = (steps * images) / (p_steps * p_images)
+                # warm-up and one timed round, and half the last warm-up's compiling (new shapes recompile)
+                estimate = 2 * p_round * scale + max(p_warm_up - p_round, 0) / 2
                 if time.perf_counter() + estimate > deadline:
                     result["notes"].append(f"{sampler}-{steps}, {images} image(s): left out (time budget; about {estimate:.0f} s needed)")
                     continue
@@ -374,10 +387,15 @@ def main(argv: list[str] | None = None) -> dict:
                 result["compiled_vs_eager"] = compiled_equals_eager([m for m in entries if m.name not in failed], config, size)
                 result["offload"] = offload_check(pipe, device)
                 checkpoint()
-    finally:  # whatever happened, what was measured is written
+    finally:  # whatever happened (SIGTERM included), what was measured is written
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
         text = checkpoint()
     print(text)
     return result
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through main's finally, which writes the results
 
 
 if __name__ == "__main__":

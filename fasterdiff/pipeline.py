@@ -65,8 +65,9 @@ class Settings:
       branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
       max_batch: "auto" (default): steps per batched call chosen from 1, 2, 4, 8, 16 so
         that the peak memory stays within 1.5x stock's and within free CUDA memory
-        (measured once per latent shape, on the first call of the first run); on the
-        CPU 4 steps per call. An int:
+        (measured once per latent shape on a CUDA device, on the first call of the first
+        run; lowered when a batch of that size runs out of memory); latents on the CPU:
+        4 steps per call. An int:
         at most this many images per batched call (a call holds at least one step).
         None: a whole group per call (fastest, most memory).
       noise_injection_start: inject before steps whose timestep is below this

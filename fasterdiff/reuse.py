@@ -117,10 +117,12 @@ class ReuseExecutor:
     def __init__(self):
         self.run: Run | None = None
         self.evaluation: _Evaluation | None = None
-        # max_batch="auto": steps per call by the sample's shape, measured on the first call of each
-        # shape (once: a CUDA graph's replay allocates nothing new, so a later measurement would not see it)
-        self.auto_steps: dict[tuple[int, ...], int] = {}
-        self.shape: tuple[int, ...] | None = None  # the current run's sample shape
+        # max_batch="auto": steps per call by the sample's shape, device and dtype, measured on the
+        # first call of each (once: a CUDA graph's replay allocates nothing new, so a later measurement
+        # would not see it), lowered when a batch of that size ran out of memory
+        self.auto_steps: dict[tuple, int] = {}
+        self.shape: tuple | None = None  # the current run's sample (shape, device, dtype)
+        self.device: torch.device | None = None
         self._wrappers: dict[tuple[int, str], Callable] = {}
 
     # -- installing -----------------------------------------------------------------
@@ -203,7 +205,7 @@ class ReuseExecutor:
             run.stash.clear()
             run.parallel = False
         if self.shape is None:
-            self.shape = tuple(sample.shape)
+            self.shape, self.device = (tuple(sample.shape), str(sample.device), sample.dtype), sample.device
         steps = self._steps_for(i, timestep)
         rows = sample.shape[0]
         while True:
@@ -217,6 +219,10 @@ class ReuseExecutor:
             run.stats.out_of_memory_retries += 1
             log.warning("a batch of %d steps ran out of memory; retrying with %d", steps, steps // 2)
             steps //= 2
+            # the size that failed is not tried again: in this run, nor by max_batch="auto" for this shape
+            run.steps_per_call = steps
+            if self.auto_steps.get(self.shape, 0) > steps:
+                self.auto_steps[self.shape] = steps
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         chunks = eps.chunk(steps) if steps > 1 else (eps,)
@@ -257,8 +263,8 @@ class ReuseExecutor:
         self.evaluation = _Evaluation(replay=replay, first=i, real=steps, steps=padded, rows=rows, fresh=fresh)
         measure = run.steps_per_call == "auto" and not _memory_known(self)
         if measure:
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             if padded == 1:
                 out = unet(*args, **kwargs)
@@ -271,7 +277,9 @@ class ReuseExecutor:
         finally:
             self.evaluation = None
         if measure:
-            self.auto_steps[self.shape] = steps_within_memory(before, torch.cuda.max_memory_allocated() - before)
+            self.auto_steps[self.shape] = steps_within_memory(
+                before, torch.cuda.max_memory_allocated(self.device) - before, torch.cuda.mem_get_info(self.device)[0]
+            )
             log.info("max_batch='auto': %d steps per call", self.auto_steps[self.shape])
         run.stats.decoder_calls += 1
         run.stats.decoder_steps_per_call.append(steps)
@@ -305,10 +313,14 @@ def steps_within_memory(resident: int, per_step: int, free: int | None = None) -
 
 
 def _memory_known(executor: ReuseExecutor) -> bool:
-    if not torch.cuda.is_available():
+    if executor.shape not in executor.auto_steps and not _cuda_memory(executor.device):
         executor.auto_steps[executor.shape] = CPU_AUTO_STEPS
-        return True
     return executor.shape in executor.auto_steps
+
+
+def _cuda_memory(device: torch.device) -> bool:
+    """Whether ``max_batch="auto"`` can measure on ``device`` (CUDA's allocator counters)."""
+    return device.type == "cuda"
 
 
 class _Installed:
@@ -332,7 +344,7 @@ class _Installed:
             self._restore()
             raise
         ex.run = self.run
-        ex.shape = None  # read at the first evaluation
+        ex.shape = ex.device = None  # read at the first evaluation
         return self.run
 
     def __exit__(self, *exc):

@@ -245,6 +245,8 @@ def test_max_batch_auto_measures_the_first_call_of_each_shape_once(pipe, monkeyp
     """With CUDA, the first call of a run of a new shape runs alone and measures what a step adds
     at its peak; later runs of that shape keep the answer (a CUDA graph's replay allocates nothing
     new, so measuring it again would see no cost). CUDA's memory counters are faked here."""
+    from fasterdiff import reuse
+
     resets = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
@@ -253,6 +255,10 @@ def test_max_batch_auto_measures_the_first_call_of_each_shape_once(pipe, monkeyp
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1100 if len(resets) == 1 else 1000)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9, 10**9))
     fast = fasterdiff.accelerate(pipe, key_steps=5)  # groups of 5 steps
+    # samples on the CPU: the CPU's fixed size, nothing measured, whatever CUDA reports
+    assert run(fast, steps=20).stats.decoder_steps_per_call == [4, 1] * 4 and not resets
+    monkeypatch.setattr(reuse, "_cuda_memory", lambda device: True)  # as if the samples were on the GPU
+    fast = fasterdiff.accelerate(pipe, key_steps=5)
     first = run(fast, steps=20).stats.decoder_steps_per_call
     second = run(fast, steps=20).stats.decoder_steps_per_call
     assert first == [1, 4] + [4, 1] * 3  # measured alone, then at most 4 per call

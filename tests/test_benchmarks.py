@@ -364,3 +364,24 @@ def test_gpu_check_keeps_to_its_budget_and_records_a_failing_method(tmp_path, mo
     assert json.loads((tmp_path / "stock" / "gpu-check.json").read_text())["rows"] == []
     with pytest.raises(SystemExit):
         check.main(["--quick", "--out", str(tmp_path), "--budget", "nan"])
+    # stopped from outside (as a time limit stops it) after one round: that round is written
+    import os
+    import signal
+    import types
+
+    calls = []
+
+    class Stopped(Broken):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:  # in round 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return types.SimpleNamespace(images=None)
+
+    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.Method("stopped", Stopped())])
+    with pytest.raises(SystemExit) as stopped:
+        check.main(["--quick", "--out", str(tmp_path / "term"), "--rounds", "3"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    written = json.loads((tmp_path / "term" / "gpu-check.json").read_text())
+    assert sorted((r["method"], len(r["seconds"])) for r in written["rows"]) == [("stock eager", 1), ("stopped", 1)]
+    assert signal.getsignal(signal.SIGTERM) is not check._exit_on_sigterm  # the handler is put back

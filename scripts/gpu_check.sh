@@ -20,6 +20,6 @@ case "${1:-}" in
   run)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    python3 benchmarks/gpu_check.py --out "${2:?output folder}" ;;
+    exec python3 benchmarks/gpu_check.py --out "${2:?output folder}" ;;  # exec: a SIGTERM reaches it (it writes what it has)
   *) echo "usage: $0 fetch | run OUT_DIR" >&2; exit 2 ;;
 esac

@@ -159,9 +159,8 @@ def short_error(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def run_config(result, entries, config, size, rounds, device, deadline, checkpoint) -> tuple[float, float]:
-    """Time every entry on one configuration, interleaved; returns the seconds of its warm-up
-    round and of its last timed round.
+def run_config(result, entries, config, size, rounds, device, deadline, checkpoint) -> float:
+    """Time every entry on one configuration, interleaved; returns the seconds of its last round.
 
     After every round the configuration's rows in ``result`` are updated and ``checkpoint()``
     writes them, so a run killed mid-way keeps its finished rounds."""
@@ -172,7 +171,7 @@ def run_config(result, entries, config, size, rounds, device, deadline, checkpoi
     live = list(entries)
     secs = {m.name: [] for m in entries}
     peaks = {m.name: 0 for m in entries}
-    round_seconds, warm_up, done = 0.0, 0.0, 0
+    round_seconds, done = 0.0, 0
     for r in range(rounds + 1):  # round 0 warms up (and compiles)
         late = time.perf_counter() > deadline + 60 if r == 1 else time.perf_counter() + round_seconds > deadline
         if r >= 1 and late:
@@ -197,14 +196,13 @@ def run_config(result, entries, config, size, rounds, device, deadline, checkpoi
                 secs[m.name].append(s)
                 peaks[m.name] = max(peaks[m.name], peak)
         round_seconds = time.perf_counter() - began
-        warm_up = warm_up or round_seconds
         done = r
         print(f"  {sampler}-{steps}, {images} image(s): round {r}/{rounds} done in {round_seconds:.0f} s "
               f"({time.perf_counter() - deadline:+.0f} s from the deadline)", flush=True)
         result["rows"] = [row for row in result["rows"] if (row["sampler"], row["steps"], row["images"]) != config]
         result["rows"] += summary_rows(config, entries, secs, peaks)
         checkpoint()
-    return warm_up, round_seconds
+    return round_seconds
 
 
 def summary_rows(config, entries, secs, peaks) -> list[dict]:
@@ -367,13 +365,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["compile"] = compile_counters()
         return write(out, result)
 
-    previous = None  # (config, (seconds of its warm-up round, of its last timed round))
+    previous = None  # (config, seconds of its last round)
     stop_on_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         for i, config in enumerate(configs):
             sampler, steps, images = config
             if previous is not None:
-                (_, p_steps, p_images), (_, p_round) = previous
+                (_, p_steps, p_images), p_round = previous
                 # a warm-up and one timed round, without recompiling: optimistic on purpose, since the
                 # checks are done by then and a configuration cut short costs only its own rows
                 estimate = 2 * p_round * (steps * images) / (p_steps * p_images)

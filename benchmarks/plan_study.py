@@ -42,6 +42,7 @@ from fasterdiff import calibrate, cost  # noqa: E402
 from fasterdiff import unet as unet_layout  # noqa: E402
 from fasterdiff.bench.fidelity import paired_comparison  # noqa: E402
 from fasterdiff.plan import ReusePlan, deep_plan_from_keys  # noqa: E402
+from fasterdiff.samplers import DETERMINISTIC_SAMPLERS  # noqa: E402
 from fasterdiff.standin import PIPELINE_DIR, data, score  # noqa: E402
 
 DEVELOPMENT_SEED = 2000
@@ -165,7 +166,7 @@ def markdown(result: dict, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sampler", default="DDIM")
+    parser.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="DDIM")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--pairs", type=int, default=90, help="development pairs, 1 to 90")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

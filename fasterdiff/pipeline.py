@@ -204,7 +204,7 @@ class _Accelerated:
             return self.scheduler.timesteps
 
         # a compiled UNet (ours, or one the user compiled) may run CUDA graphs, which reuse output memory
-        compiled = self._pad_sizes is not None or hasattr(self.unet, "_orig_mod")
+        compiled = hasattr(self.unet, "_orig_mod")
         run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=compiled)
         run.stats.plan = chosen
 

@@ -43,16 +43,20 @@ def classify(classifier: Classifier, images: torch.Tensor, batch: int = 512) -> 
     return Scores({a: np.concatenate(p) for a, p in preds.items()}, np.concatenate(feats).astype(np.float64))
 
 
+def hits(scores: Scores, wanted: list[data.Attributes]) -> dict[str, np.ndarray]:
+    """Per attribute, per image: whether the predicted attribute matches the prompt."""
+    return {a: scores.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in ATTRIBUTES}
+
+
 def all_right(scores: Scores, wanted: list[data.Attributes]) -> np.ndarray:
     """Per image: whether every predicted attribute matches the prompt."""
-    return np.logical_and.reduce([scores.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in ATTRIBUTES])
+    return np.logical_and.reduce(list(hits(scores, wanted).values()))
 
 
 def accuracy(scores: Scores, wanted: list[data.Attributes]) -> dict[str, float]:
     """Fraction of images whose predicted attribute matches the prompt, per attribute and all three."""
-    hits = {a: scores.predictions[a] == np.array([getattr(w, a) for w in wanted]) for a in ATTRIBUTES}
-    result = {a: float(h.mean()) for a, h in hits.items()}
-    result["all"] = float(np.logical_and.reduce(list(hits.values())).mean())
+    result = {a: float(h.mean()) for a, h in hits(scores, wanted).items()}
+    result["all"] = float(all_right(scores, wanted).mean())
     return result
 
 

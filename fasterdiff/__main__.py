@@ -54,7 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--custom-key-steps", default=d.custom_key_steps, help="e.g. '0,1,2,3,5,10,15,25,35', with --key-step-mode custom")
     p.add_argument("--forecast", type=_bounded("forecast"), default=d.forecast, help="0-2: how non-key steps get the encoder's features (default: 0, the paper's)")
     p.add_argument("--sequential", dest="parallel", action="store_false", help="decode non-key steps one by one (less memory)")
-    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-1 (default: 0.003, the paper's)")
+    p.add_argument("--noise-injection-strength", type=_bounded("noise_injection_strength", float), default=d.noise_injection_strength, help="0-0.02 (default: 0.003, the paper's)")
     p.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=d.guidance_scale, help="1-20 (default: 7.5)")
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "calibrate":
             return _calibrate(args)
         return _benchmark(args, argv)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, ArithmeticError, OSError) as err:  # ours name the input; NaN; files
         print(f"error: {err}", file=sys.stderr)
         return 2
 

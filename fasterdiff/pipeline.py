@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -56,7 +57,8 @@ class Settings:
       parallel: run a key step and its non-key steps as one batched UNet call (faster,
         more memory). None = whenever the plan allows it (encoder reuse, not deep).
       noise_injection: alpha of the prior noise injection z <- z + alpha * z_T
-        (paper: 0.003; 0 disables).
+        (paper: 0.003; 0 disables). It makes up for the texture reuse loses, so a run
+        whose plan reuses nothing (key_steps="off") samples as stock, without it.
       forecast: how a non-key step gets a replayed module's output: 0 = the last
         computed one (the paper), 1 = extrapolated linearly in the timestep through
         the last two key steps, 2 = quadratically through the last three. Costs no
@@ -142,6 +144,12 @@ class Settings:
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 
 
+def _check_plans(plans) -> None:
+    """A plan file given by name must exist (only the default one, beside the weights, may not)."""
+    if not Path(plans).is_file():
+        raise ValueError(f"plans: no plan file at {plans} (calibrate one with: python -m fasterdiff calibrate)")
+
+
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -180,7 +188,10 @@ class _Accelerated:
         started = time.perf_counter()
         if self.unet is None:
             raise ValueError("this pipeline has no UNet to sample with (it was made from one with unet=None)")
-        settings = dataclasses.replace(self.settings, **{k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs})
+        overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
+        if overrides.get("plans") is not None:
+            _check_plans(overrides["plans"])
+        settings = dataclasses.replace(self.settings, **overrides)
         stock_call = super().__call__
         bound = inspect.signature(stock_call).bind(*args, **kwargs)
         call_args = {**_defaults(stock_call), **bound.arguments}
@@ -197,6 +208,8 @@ class _Accelerated:
         if chosen:
             log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
+        if not any(plan.replay):  # nothing reused ("off", or auto running stock): stock sampling,
+            settings = dataclasses.replace(settings, noise_injection=0)  # nothing for the injection to make up for
         parallel = plan.batchable if settings.parallel is None else settings.parallel
         state = _CallState(settings)
 
@@ -393,7 +406,9 @@ def accelerate(
     calls compile; warm up before timing.
     """
     if plans is None:
-        plans = default_plans_file(pipe)
+        plans = default_plans_file(pipe)  # may not exist: auto then runs the paper's key steps
+    else:
+        _check_plans(plans)
     settings = Settings(
         key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
         None if plans is None else str(plans),

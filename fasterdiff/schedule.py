@@ -60,8 +60,8 @@ def custom_key_steps(num_steps: int, steps: Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"key_steps: custom steps must be ints, got {s!r}")
         if not 0 <= s < num_steps:
             raise ValueError(
-                f"key_steps: custom step {s} is outside 0..{num_steps - 1} "
-                f"for num_inference_steps={num_steps}"
+                f"key_steps: custom step {s} is outside 0..{num_steps - 1}: the run makes {num_steps} UNet "
+                "evaluations (num_inference_steps; PNDM one more)"
             )
     if steps[0] != 0:
         raise ValueError(f"key_steps: custom steps must start with step 0, got {steps}")

@@ -102,15 +102,26 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     kwargs = {"dtype": dtype, "local_files_only": local_files_only}
-    folder = Path(path_or_repo_id)
+    folder = Path(path_or_repo_id).expanduser()
+    if not folder.is_dir() and _is_local_path(path_or_repo_id):
+        raise FileNotFoundError(f"no pipeline folder at {folder} (a local path, so not looked up on the Hub)")
     if folder.is_dir():
         missing = missing_files(folder)
         if missing:
             raise _unavailable(folder, missing, "the folder is incomplete")
         if _only_fp16_files(folder):
             kwargs["variant"] = "fp16"
-    pipe = StableDiffusionPipeline.from_pretrained(str(path_or_repo_id), **kwargs)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder if folder.is_dir() else path_or_repo_id), **kwargs)
     return pipe.to(device)
+
+
+def _is_local_path(path_or_repo_id) -> bool:
+    """Whether this names a path rather than a Hub repo id ("owner/name": no leading ".", "/"
+    or "~", at most one "/")."""
+    if isinstance(path_or_repo_id, os.PathLike):
+        return True
+    text = str(path_or_repo_id)
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
 
 
 def _only_fp16_files(folder: Path) -> bool:

@@ -22,8 +22,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def predictor_folder(min_size: int) -> Path:
+    """A folder with predict.py and the schema `cog build` would write for it had its sizes'
+    ``ge`` been ``min_size`` (predict.py says 256: it serves SD 1.5; a model of another native
+    size, such as the stand-in's 32 px, is served from here)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fasterdiff-predictor-"))
+    (folder / ".cog").mkdir()
+    (folder / "predict.py").write_text((ROOT / "predict.py").read_text())
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    for name in ("width", "height"):
+        schema["components"]["schemas"]["Input"]["properties"][name]["minimum"] = min_size
+    (folder / ".cog" / "openapi_schema.json").write_text(json.dumps(schema))
+    return folder
+
+
 class CogServer:
-    def __init__(self, weights: Path, extra_env: dict | None = None):
+    def __init__(self, weights: Path, extra_env: dict | None = None, min_size: int | None = None):
+        """``min_size``: serve from :func:`predictor_folder` with that smallest width and height."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -36,12 +53,16 @@ class CogServer:
             # the server's worker runs `python`: the venv's must come first
             PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
         )
+        cwd = self.folder = ROOT
+        if min_size is not None:
+            cwd = self.folder = predictor_folder(min_size)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.update(extra_env or {})
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cog-server-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -102,12 +123,16 @@ class CogServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
+        if self.folder != ROOT:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def running(weights: Path, extra_env: dict | None = None):
+def running(weights: Path, extra_env: dict | None = None, min_size: int | None = None):
     """A server set up on ``weights``, READY (its health check in ``srv.health``), stopped afterwards."""
-    srv = CogServer(weights, extra_env)
+    srv = CogServer(weights, extra_env, min_size)
     try:
         health = srv.health = srv.wait_setup()
         assert health["status"] == "READY", health

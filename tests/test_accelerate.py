@@ -21,7 +21,7 @@ def test_off_equals_stock_for_every_sampler(pipe, sampler):
     stock = fasterdiff.tiny.tiny_pipeline()  # own copy: its scheduler gets replaced
     stock.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     expected = stock("a cat", num_inference_steps=8, generator=gen(3), output_type="np", **SIZE).images
-    fast = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
+    fast = fasterdiff.accelerate(pipe, key_steps="off")  # default noise injection: not applied without reuse
     got = run(fast, steps=8, seed=3, sampler=sampler).images
     assert np.abs(got - expected).max() <= 1e-5
 
@@ -97,7 +97,7 @@ def test_default_is_auto_which_falls_back_to_the_paper_schedule_without_a_plan_f
 
 
 def test_noise_injection_zero_is_a_no_op_and_alpha_touches_steps_below_tau(pipe):
-    fast = fasterdiff.accelerate(pipe, key_steps="off")
+    fast = fasterdiff.accelerate(pipe, key_steps="paper", parallel=False)
     base = run(fast, noise_injection=0).images
     # tau=0: no timestep is below it, so alpha>0 changes nothing
     assert np.array_equal(run(fast, noise_injection=0.05, noise_injection_start=0).images, base)
@@ -205,6 +205,31 @@ def test_load_pipeline_from_saved_folder(pipe, tmp_path):
 def test_load_pipeline_missing_folder_names_the_download_command(tmp_path):
     with pytest.raises(fasterdiff.weights.WeightsUnavailable, match="download-weights"):
         fasterdiff.load_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["./no-such-weights", "/no/such/weights", "~/no-such-weights", "a/b/c", "file"])
+def test_load_pipeline_refuses_a_missing_local_path_without_asking_the_hub(tmp_path, where, monkeypatch):
+    """A mistyped folder is not a Hub repo id: its error says no folder is there (the Hub is
+    never asked: this machine has no network, and from_pretrained would say something else)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="no pipeline folder at"):
+        fasterdiff.load_pipeline(where)
+
+
+def test_a_plan_file_named_but_missing_is_an_error(pipe, tmp_path):
+    with pytest.raises(ValueError, match="plans: no plan file at .*missing.json"):
+        fasterdiff.accelerate(pipe, plans=tmp_path / "missing.json")
+    fast = fasterdiff.accelerate(pipe)  # no plan file beside these weights: auto runs the paper's key steps
+    with pytest.raises(ValueError, match="plans: no plan file at .*missing.json"):
+        run(fast, plans=str(tmp_path / "missing.json"))
+
+
+def test_cli_says_which_weights_folder_is_missing(capsys):
+    from fasterdiff.__main__ import main
+
+    assert main(["generate", "a cat", "--weights", "./no-such-weights"]) == 2
+    assert "error: no pipeline folder at no-such-weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)

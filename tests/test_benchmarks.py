@@ -305,6 +305,21 @@ def test_plan_study_quick_run_on_the_standin():
     assert "| control | stock |" in study.markdown(result, "cmd")
 
 
+def test_noise_injection_sweep_quick_run_on_the_standin():
+    sweep = _script("noise_injection")
+    result = sweep.run("DDIM", 8, prompts_every=30, strengths=(0.0, 0.3), plans=("paper",))
+    rows = result["rows"]
+    assert result["prompts"] == 6 and [(r["plan"], r["strength"]) for r in rows] == [
+        ("stock", None), ("paper", 0.0), ("paper", 0.3)]
+    assert rows[0]["psnr_mean"] == 100.0  # stock against itself
+    for r in rows:
+        low, high = r["accuracy_95"]
+        assert 0 <= low <= r["accuracy"] <= high <= 1
+    # injection moves the images away from stock's; 0.3 far more than reuse alone
+    assert rows[2]["psnr_mean"] < rows[1]["psnr_mean"] < 100
+    assert "| paper | 0.3 |" in sweep.markdown(result, "cmd")
+
+
 def test_gpu_check_dry_run_times_every_method_and_compiled_equals_eager(tmp_path):
     check = _script("gpu_check")
     result = check.main(["--quick", "--out", str(tmp_path)])

@@ -46,7 +46,6 @@ def initial_noise(pipe, sampler: str) -> torch.Tensor:
 
 
 CASES = [
-    dict(sampler="DDIM", key_steps="off", parallel=False, tau=500),
     dict(sampler="DDIM", key_steps="paper", parallel=True, tau=500),
     dict(sampler="DDIM", key_steps="paper", parallel=False, tau=500),
     dict(sampler="DPM-Solver++", key_steps="paper", parallel=True, tau=1000),  # every step, the first included
@@ -82,11 +81,16 @@ def test_injection_happens_before_exactly_the_steps_below_tau(pipe, recorded, ca
         assert injected == []
 
 
-def test_zero_strength_injects_nothing(pipe, recorded):
-    fast = fasterdiff.accelerate(pipe, key_steps="paper")
-    fast("a cat", num_inference_steps=STEPS, noise_injection=0.0, noise_injection_start=1000, generator=gen(SEED),
+@pytest.mark.parametrize("alpha", [0.0, ALPHA])
+def test_zero_strength_or_a_plan_reusing_nothing_injects_nothing(pipe, recorded, alpha):
+    """alpha = 0, or key_steps="off" (stock sampling: there is no reuse to make up for)."""
+    key_steps = "paper" if alpha == 0 else "off"
+    fast = fasterdiff.accelerate(pipe, key_steps=key_steps)
+    fast("a cat", num_inference_steps=STEPS, noise_injection=alpha, noise_injection_start=1000, generator=gen(SEED),
          output_type="latent", **SIZE)
+    assert len(recorded) == STEPS
     previous = initial_noise(pipe, "DDIM")
     for t, sample_in, sample_out in recorded:
         assert torch.equal(sample_in, previous), t
         previous = sample_out
+

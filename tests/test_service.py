@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from cog_server import ROOT
 
 import fasterdiff
@@ -31,7 +32,7 @@ def cli_accepts(flag: str, value) -> bool:
     return True
 
 
-def test_noise_injection_strength_has_one_bound_everywhere():
+def test_noise_injection_strength_has_one_bound_in_every_input():
     low, high = BOUNDS["noise_injection_strength"]
     literals = predictor_literals("noise_injection_strength")
     assert (literals["ge"], literals["le"]) == (low, high)
@@ -42,10 +43,10 @@ def test_noise_injection_strength_has_one_bound_everywhere():
     flag = "--noise-injection-strength"
     assert cli_accepts(flag, low) and cli_accepts(flag, high)
     assert not cli_accepts(flag, above) and not cli_accepts(flag, below)
-    # the library's noise_injection takes exactly the same range
-    fasterdiff.Settings(noise_injection=low)
-    fasterdiff.Settings(noise_injection=high)
-    for outside in (above, below):
+    # the library's noise_injection takes the inputs' range and more (a research knob: [0, 1])
+    for value in (low, high, 1.0):
+        fasterdiff.Settings(noise_injection=value)
+    for outside in (math.nextafter(1.0, math.inf), below):
         with pytest.raises(ValueError, match="noise_injection"):
             fasterdiff.Settings(noise_injection=outside)
     for value, ok in ((high, True), (above, False)):
@@ -92,14 +93,14 @@ def test_sizes_default_to_the_models_native_size_with_a_warning_above_twice_it(p
 
     generator = Generator(pipe)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor  # 64 for the tiny pipeline
-    result = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, output_format="png"), tmp_path / "a")
+    result = generator(Request(prompt="a cat", num_inference_steps=4, seed=1, output_format="png"), tmp_path / "a")
     assert Image.open(result.paths[0]).size == (native, native)
     assert not any("warning" in m for m in result.messages)
-    wide = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native + 8, output_format="png"),
+    wide = generator(Request(prompt="a cat", num_inference_steps=4, seed=1, width=2 * native + 8, output_format="png"),
                      tmp_path / "b")
     assert Image.open(wide.paths[0]).size == (2 * native + 8, native)
     assert any(f"more than twice this model's native {native}x{native}" in m for m in wide.messages), wide.messages
-    at_twice = generator(Request(prompt="a cat", num_inference_steps=1, seed=1, width=2 * native), tmp_path / "c")
+    at_twice = generator(Request(prompt="a cat", num_inference_steps=4, seed=1, width=2 * native), tmp_path / "c")
     assert not any("warning" in m for m in at_twice.messages)
 
 
@@ -137,8 +138,12 @@ def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
         generator = Generator(pipe)
         if kept:
             result = generator(Request(**req), tmp_path / str(kept))
-            assert len(result.paths) == kept
-            assert "NSFW content detected in 1 image(s); they were left out" in result.messages
+            assert [p.name for p in result.paths] == ["out-1.webp", "out-2.webp"]  # named by their index
+            assert "NSFW content detected in 1 image(s) (out-0); they were left out" in result.messages
+            # with the baseline: its images are stock-<i>, whatever was left out before them
+            both = generator(Request(**req, compare_with_baseline=True), tmp_path / "both")
+            assert [p.name for p in both.paths] == ["out-1.webp", "out-2.webp", "stock-1.webp", "stock-2.webp"]
+            assert "NSFW content detected in 2 image(s) (out-0, stock-0); they were left out" in both.messages
         else:
             with pytest.raises(RuntimeError, match="NSFW content detected in every image"):
                 generator(Request(**req), tmp_path / "none")
@@ -150,6 +155,33 @@ def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
     assert "left out" in readme_row
 
 
+def test_off_with_the_baseline_gives_the_baseline_s_images(pipe, tmp_path):
+    """key_step_mode="off" is stock sampling (no noise injection either) at the default inputs."""
+    gen = Generator(pipe)
+    req = Request(prompt="a cat", width=64, height=64, num_inference_steps=10, seed=3, num_outputs=2,
+                  output_format="png", key_step_mode="off", compare_with_baseline=True)
+    result = gen(req, tmp_path)
+    files = {p.name: p.read_bytes() for p in result.paths}
+    assert sorted(files) == ["out-0.png", "out-1.png", "stock-0.png", "stock-1.png"]
+    assert files["out-0.png"] == files["stock-0.png"] and files["out-1.png"] == files["stock-1.png"]
+    assert files["out-0.png"] != files["out-1.png"]
+    assert "stock diffusers seconds" in "\n".join(result.messages) and "eager UNet" not in "\n".join(result.messages)
+
+
+def test_too_few_steps_to_start_from_noise_are_warned_about(pipe, tmp_path):
+    """SD 1.5's schedulers space DDIM and PNDM steps "leading": one step starts at timestep 1 of
+    1000 (the image is its initial noise, decoded), three at 667."""
+    gen = Generator(pipe)
+    base = dict(prompt="a cat", width=64, height=64, seed=3)
+    for sampler, steps, warned in (("DDIM", 1, True), ("DDIM", 3, True), ("DDIM", 4, False), ("PNDM", 2, True),
+                                   ("DPM-Solver++", 1, False), ("Euler", 1, True), ("Euler", 2, False)):
+        messages = gen(Request(**base, sampler=sampler, num_inference_steps=steps), tmp_path).messages
+        warning = [m for m in messages if "far from pure noise" in m]
+        assert bool(warning) == warned, (sampler, steps, messages)
+    assert warning == [] and "DDIM with 1 step(s) starts at timestep 1 of 1000" in "\n".join(
+        gen(Request(**base, num_inference_steps=1), tmp_path).messages)
+
+
 def test_forecast_and_auto_reach_the_library_and_pndm_counts_its_extra_evaluation(pipe, tmp_path):
     gen = Generator(pipe)
     base = dict(prompt="a cat", width=64, height=64, num_inference_steps=10, seed=3, output_format="png")
@@ -158,8 +190,9 @@ def test_forecast_and_auto_reach_the_library_and_pndm_counts_its_extra_evaluatio
     assert forecast.paths[0].read_bytes() != replay.paths[0].read_bytes()
     auto = gen(Request(**base, key_step_mode="auto"), tmp_path / "a")
     assert any(m.startswith("auto: no plan file") for m in auto.messages)
-    with pytest.raises(ValueError, match="forecast"):
-        gen(Request(**base, key_step_mode="auto", forecast=1), tmp_path / "x")
+    for mode in ("auto", "auto-fast"):  # refused before sampling, in the predictor's own names
+        with pytest.raises(ValueError, match="forecast: .* use forecast=0, or key_step_mode non-uniform, uniform or custom"):
+            Request(**base, key_step_mode=mode, forecast=1).validate()
     assert Request(**base, key_step_mode="auto-fast").library_arguments()["key_steps"] == "auto-fast"
     fast = gen(Request(**base, key_step_mode="auto-fast"), tmp_path / "af")
     assert any(m.startswith("auto: no plan file") for m in fast.messages)
@@ -190,6 +223,29 @@ def test_warm_up_compiles_what_a_default_request_needs(pipe, tmp_path):
         result = generator(Request(prompt="a dog", seed=5, disable_safety_checker=checked), tmp_path)
         assert result.stats.encoder_calls < result.stats.num_steps
     assert counter.frame_count == frames  # the first real requests compile nothing new
+    # a baseline is stock as users run it, eager: the logs say so
+    result = generator(Request(prompt="a dog", seed=5, compare_with_baseline=True), tmp_path)
+    assert "(eager UNet; the accelerated run's is compiled)" in next(m for m in result.messages if m.startswith("stock diffusers seconds"))
+
+
+def test_both_pipelines_share_what_max_batch_auto_measured(pipe, tmp_path, monkeypatch):
+    """The warm-up measures (on the pipeline without safety checker); a request on the other
+    pipeline uses that answer, measuring nothing again (after CUDA graphs are recorded a second
+    measurement would see a replay's zero cost). CUDA's counters are faked, as in test_accelerate."""
+    from fasterdiff import reuse
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1100 if len(resets) == 1 else 1000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9, 10**9))
+    monkeypatch.setattr(reuse, "_cuda_memory", lambda device: True)
+    generator = Generator(pipe)
+    generator.warm_up()
+    assert len(resets) == 1
+    req = Request(prompt="a dog", seed=5, key_step_mode="uniform", uniform_interval=5, num_inference_steps=20)
+    result = generator(req, tmp_path)  # the safety-checked pipeline
+    assert len(resets) == 1 and result.stats.decoder_steps_per_call == [4, 1] * 4
 
 
 def test_compile_setting_from_the_environment(monkeypatch):

@@ -144,7 +144,7 @@ def test_digits_ship_with_the_standin_and_match_its_held_out_set(monkeypatch):
 
 @pytest.fixture(scope="module")
 def standin_server():
-    with running(PIPELINE_DIR) as srv:
+    with running(PIPELINE_DIR, min_size=32) as srv:  # the stand-in's Generator.min_size (its native size)
         yield srv
 
 

@@ -227,6 +227,8 @@ class Generator:
                 f"warning: {req.sampler} with {req.num_inference_steps} step(s) starts at timestep {first} of {total}, "
                 "far from pure noise: the initial noise is never removed, expect a noisy image; use more steps"
             )
+        if req.negative_prompt.strip() and req.guidance_scale <= 1:
+            messages.append("warning: negative_prompt is not used with guidance_scale=1 (no classifier-free guidance)")
         tokenizer = self.stock[False].tokenizer
         limit = tokenizer.model_max_length
         for name in ("prompt", "negative_prompt"):

@@ -182,6 +182,14 @@ def test_too_few_steps_to_start_from_noise_are_warned_about(pipe, tmp_path):
         gen(Request(**base, num_inference_steps=1), tmp_path).messages)
 
 
+def test_a_negative_prompt_without_guidance_is_warned_about(pipe, tmp_path):
+    gen = Generator(pipe)
+    base = dict(prompt="a cat", width=64, height=64, seed=3, num_inference_steps=4, negative_prompt="a dog")
+    said = "warning: negative_prompt is not used with guidance_scale=1 (no classifier-free guidance)"
+    assert said in gen(Request(**base, guidance_scale=1.0), tmp_path).messages
+    assert said not in gen(Request(**base, guidance_scale=1.5), tmp_path).messages
+
+
 def test_forecast_and_auto_reach_the_library_and_pndm_counts_its_extra_evaluation(pipe, tmp_path):
     gen = Generator(pipe)
     base = dict(prompt="a cat", width=64, height=64, num_inference_steps=10, seed=3, output_format="png")

@@ -57,8 +57,9 @@ class Settings:
       parallel: run a key step and its non-key steps as one batched UNet call (faster,
         more memory). None = whenever the plan allows it (encoder reuse, not deep).
       noise_injection: alpha of the prior noise injection z <- z + alpha * z_T
-        (paper: 0.003; 0 disables). It makes up for the texture reuse loses, so a run
-        whose plan reuses nothing (key_steps="off") samples as stock, without it.
+        (paper: 0.003; 0 disables; Euler-type samplers: z_T in the scale of the step's
+        latents, see :func:`injected_noise`). It makes up for the texture reuse loses, so
+        a run whose plan reuses nothing (key_steps="off") samples as stock, without it.
       forecast: how a non-key step gets a replayed module's output: 0 = the last
         computed one (the paper), 1 = extrapolated linearly in the timestep through
         the last two key steps, 2 = quadratically through the last three. Costs no
@@ -228,7 +229,7 @@ class _Accelerated:
             latents = outputs.get("latents", tensors["latents"])
             upcoming = timesteps()
             if i + 1 < len(upcoming):
-                latents = state.inject(latents, upcoming[i + 1])
+                latents = state.inject(latents, self.scheduler, i + 1)
             elif not torch.isfinite(latents).all():
                 raise FloatingPointError(
                     "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
@@ -268,7 +269,7 @@ class _Accelerated:
         if state is None:
             return latents
         state.start(latents, batch_size)
-        return state.inject(latents, self.scheduler.timesteps[0])
+        return state.inject(latents, self.scheduler, 0)
 
 
 class _CallState:
@@ -284,11 +285,30 @@ class _CallState:
         self.z_T = z_T
         self.run.steps_per_call = self.settings.steps_per_call(images)
 
-    def inject(self, latents: torch.Tensor, t) -> torch.Tensor:
+    def inject(self, latents: torch.Tensor, scheduler, index: int) -> torch.Tensor:
+        """``latents`` before step ``index``, with the prior noise injected if that step's timestep is due."""
         s = self.settings
-        if s.noise_injection > 0 and self.z_T is not None and t < s.noise_injection_start:
-            return latents + s.noise_injection * self.z_T
+        if s.noise_injection > 0 and self.z_T is not None and scheduler.timesteps[index] < s.noise_injection_start:
+            return latents + s.noise_injection * injected_noise(self.z_T, scheduler, index)
         return latents
+
+
+def injected_noise(z_T: torch.Tensor, scheduler, index: int) -> torch.Tensor:
+    """What ``alpha`` multiplies before step ``index``: z_T in the scale of that step's latents.
+
+    Variance-preserving samplers (DDIM, DPM-Solver, UniPC, PNDM: initial sigma 1) keep latents
+    at unit scale: z_T itself, as the paper writes it. Samplers that work on x + sigma * noise
+    (Euler, Euler-Ancestral: initial sigma about 14.6 for SD 1.5) hold z_T at the first sigma and
+    later latents at sqrt(1 + sigma^2) of theirs: z_T rescaled to that, so that alpha means the
+    same for every sampler (measured: with z_T as it is, Euler's 0.003 cost the stand-in's prompt
+    accuracy 0.52 -> 0.36 and 0.01 drew no prompt right; README, Noise injection strength).
+    """
+    first = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    sigmas = getattr(scheduler, "sigmas", None)
+    if first <= 1.0 or sigmas is None or index >= len(sigmas):
+        return z_T
+    sigma = float(sigmas[index])
+    return z_T * ((1 + sigma**2) ** 0.5 / first)
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -1,16 +1,18 @@
 """Prior noise injection, step by step: z <- z + alpha * z_T before every step whose
-timestep is below tau, and nowhere else.
+timestep is below tau, and nowhere else; for samplers on x + sigma * noise (Euler), z_T in
+the scale of that step's latents.
 
 The oracle records what the sampler's ``step`` receives and returns at every step: the
 latent a step starts from must be the previous step's result (z_T for the first step)
-plus alpha * z_T exactly when that step's timestep is below tau, and unchanged otherwise.
-z_T is computed independently: the seeded Gaussian scaled by the sampler's initial sigma.
+plus the injection exactly when that step's timestep is below tau, and unchanged otherwise.
+z_T is computed independently: the seeded Gaussian scaled by the sampler's initial sigma;
+so is Euler's scale, 1 / sqrt(alpha_bar_t) from the noise schedule's betas.
 """
 
 import pytest
 import torch
 from conftest import gen
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 import fasterdiff
 from fasterdiff.samplers import make_scheduler
@@ -25,7 +27,7 @@ SEED = 4
 def recorded(monkeypatch):
     """Every scheduler step: (timestep, sample in, sample out)."""
     steps = []
-    for cls in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+    for cls in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler):
         original = cls.step
 
         def spy(self, model_output, timestep, sample, *args, _original=original, **kwargs):
@@ -45,11 +47,28 @@ def initial_noise(pipe, sampler: str) -> torch.Tensor:
     return torch.randn(shape, generator=gen(SEED)) * scheduler.init_noise_sigma
 
 
+def latent_scale(pipe, sampler: str, t: int) -> float:
+    """What z_T is multiplied by before a step at timestep ``t``: 1 for variance-preserving
+    samplers; for Euler's, whose latents at t are x + sigma_t * noise, sqrt(1 + sigma_t^2) =
+    1 / sqrt(alpha_bar_t) over the initial sigma (z_T's own scale)."""
+    if not sampler.startswith("Euler"):
+        return 1.0
+    c = pipe.scheduler.config
+    assert c.beta_schedule == "scaled_linear"
+    betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[t]
+    scheduler = make_scheduler(sampler, c)
+    scheduler.set_timesteps(STEPS)
+    return float(1 / alpha_bar.sqrt()) / float(scheduler.init_noise_sigma)
+
+
 CASES = [
     dict(sampler="DDIM", key_steps="paper", parallel=True, tau=500),
     dict(sampler="DDIM", key_steps="paper", parallel=False, tau=500),
     dict(sampler="DPM-Solver++", key_steps="paper", parallel=True, tau=1000),  # every step, the first included
     dict(sampler="Euler", key_steps=3, parallel=True, tau=500),
+    dict(sampler="Euler", key_steps=3, parallel=True, tau=1000),  # the first step too: z_T at its own scale
+    dict(sampler="Euler-Ancestral", key_steps="paper", parallel=False, tau=500),
     dict(sampler="DDIM", key_steps="paper", parallel=True, tau=0),  # no step
 ]
 
@@ -67,7 +86,8 @@ def test_injection_happens_before_exactly_the_steps_below_tau(pipe, recorded, ca
     for i, (t, sample_in, sample_out) in enumerate(recorded):
         if t < case["tau"]:
             injected.append(i)
-            torch.testing.assert_close(sample_in - previous, ALPHA * z_T, rtol=0, atol=1e-5)
+            expected = ALPHA * z_T * latent_scale(pipe, case["sampler"], t)
+            torch.testing.assert_close(sample_in - previous, expected, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(sample_in, previous), f"step {i} (t={t}) changed without injection"
         previous = sample_out

@@ -1,11 +1,14 @@
 """Prior noise injection's strength on the trained stand-in: prompt accuracy and PSNR
 against stock, per strength, for the paper's key steps and the calibrated auto plan.
 
-    python benchmarks/noise_injection.py [--sampler DDIM] [--steps 50] [--out benchmarks/results]
+    python benchmarks/noise_injection.py [--sampler DDIM] [--steps 50] [--prompts-every 1]
+        [--z-t-as-drawn] [--out benchmarks/results]
 
-Every (digit, colour, thickness) prompt once, seed = its index, the same seeds for every
-row; stock (no reuse, no injection) is the reference. Accuracy comes with a bootstrap 95%
-interval over prompts. Writes noise-injection-<sampler>-<steps>.{md,json}.
+Every (digit, colour, thickness) prompt once (or every n-th), seed = its index, the same seeds
+for every row; stock (no reuse, no injection) is the reference. Accuracy comes with a
+bootstrap 95% interval over prompts. ``--z-t-as-drawn``: the control that adds z_T as the
+sampler drew it, without the rescaling Euler-type samplers get (fasterdiff.pipeline.
+injected_noise). Writes noise-injection-<sampler>-<steps>[-as-drawn].{md,json}.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def sample(pipe, prompts: list[str], steps: int, **settings) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
 
 
-def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, plans=PLANS) -> dict:
+def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, plans=PLANS, as_drawn: bool = False) -> dict:
     require()
+    if as_drawn:
+        return _with_z_t_as_drawn(lambda: run(sampler, steps, prompts_every, strengths, plans))
     pipe = fasterdiff.load_pipeline(PIPELINE_DIR, device="cpu", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
@@ -57,12 +62,25 @@ def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, p
     for plan in plans:
         for strength in strengths:
             rows.append(row(plan, strength, sample(pipe, prompts, steps, key_steps=plan, noise_injection=strength), stock))
-    return {"sampler": sampler, "steps": steps, "prompts": len(prompts), "rows": rows}
+    return {"sampler": sampler, "steps": steps, "prompts": len(prompts), "rows": rows, "z_t": "in the step's scale"}
+
+
+def _with_z_t_as_drawn(measure) -> dict:
+    """``measure()`` with z_T added as the sampler drew it (the control for the rescaling)."""
+    from fasterdiff import pipeline
+
+    rescaled = pipeline.injected_noise
+    pipeline.injected_noise = lambda z_T, scheduler, index: z_T
+    try:
+        return dict(measure(), z_t="as drawn")
+    finally:
+        pipeline.injected_noise = rescaled
 
 
 def markdown(result: dict, command: str) -> str:
     lines = [
-        f"# Noise injection strength, stand-in, {result['sampler']}-{result['steps']}, {result['prompts']} prompts",
+        f"# Noise injection strength, stand-in, {result['sampler']}-{result['steps']}, {result['prompts']} prompts, "
+        f"z_T {result.get('z_t', 'in the step' + chr(39) + 's scale')}",
         "",
         f"`{command}`",
         "",
@@ -85,13 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=50, choices=range(2, 101), metavar="2-100")
     parser.add_argument("--prompts-every", type=int, default=1, choices=range(1, 181), metavar="1-180",
                         help="every n-th prompt only (quick runs)")
+    parser.add_argument("--z-t-as-drawn", action="store_true",
+                        help="control: add z_T as the sampler drew it (no rescaling for Euler-type samplers)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    result = run(args.sampler, args.steps, args.prompts_every)
+    result = run(args.sampler, args.steps, args.prompts_every, as_drawn=args.z_t_as_drawn)
     command = "python benchmarks/noise_injection.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = markdown(result, command.strip())
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"noise-injection-{args.sampler}-{args.steps}"
+    stem = args.out / f"noise-injection-{args.sampler}-{args.steps}{'-as-drawn' if args.z_t_as_drawn else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table)
     print(table)

@@ -38,7 +38,7 @@ def _add_generate(sub) -> None:
     )
     d = Request(prompt="")
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("-o", "--output", default="out.webp", help="output file; with several images, -N is added (default: out.webp)")
+    p.add_argument("-o", "--output", default="out.webp", help="output file; with several images, -N is added (N: the image's index; the baseline's: -stock-N) (default: out.webp)")
     p.add_argument(
         "--weights",
         help="SD 1.5-format folder or hub id (default: $FASTERDIFF_WEIGHTS or weights/, downloaded there if empty)",
@@ -59,7 +59,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
     p.add_argument("--disable-safety-checker", action="store_true", help="skip the safety checker (otherwise images it flags are left out)")
-    p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup")
+    p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup; its images are written as NAME-stock-<i>")
 
 
 def _generate(args) -> int:
@@ -81,8 +81,11 @@ def _generate(args) -> int:
         result = generator(request, tmp)
         for message in result.messages:
             print(message)
-        for i, path in enumerate(result.paths):
-            dest = out if len(result.paths) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        single = request.num_outputs == 1 and not request.compare_with_baseline
+        for path in result.paths:  # out-<i> / stock-<i>: -o's name, or -o's stem with -<i> / -stock-<i>
+            kind, index = Path(path).stem.rsplit("-", 1)
+            suffix = f"-{index}" if kind == "out" else f"-stock-{index}"
+            dest = out if single else out.with_name(f"{out.stem}{suffix}{out.suffix}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
             print(f"wrote {dest}")
@@ -241,7 +244,7 @@ def _add_calibrate(sub) -> None:
     c.add_argument("--pairs", type=_in_range(2, 64), default=None, help="prompt x seed pairs (default: 24 for the stand-in, 32 otherwise)")
     c.add_argument("--guidance-scale", type=_bounded("guidance_scale", float), default=7.5)
     c.add_argument("--noise-injection", type=_bounded("noise_injection_strength", float), default=None,
-                   help="the noise injection the plans are measured with (default: the library's, 0.003)")
+                   help="the noise injection the plans are measured with, 0-0.02 as the predictor takes (default: the library's, 0.003)")
     c.add_argument("--size", type=_in_range(32, 1024, multiple=8), default=None, help="image size, 32-1024, a multiple of 8 (default: the model's native size)")
     c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
     c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")

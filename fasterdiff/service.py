@@ -225,7 +225,7 @@ class Generator:
         if first < 0.75 * total:  # e.g. DDIM and PNDM ("leading" spacing) below 4 steps
             messages.append(
                 f"warning: {req.sampler} with {req.num_inference_steps} step(s) starts at timestep {first} of {total}, "
-                "far from pure noise: the initial noise is never removed, expect a noisy image; use more steps"
+                "far from pure noise: expect a noisy or washed-out image; use more steps"
             )
         if req.negative_prompt.strip() and req.guidance_scale <= 1:
             messages.append("warning: negative_prompt is not used with guidance_scale=1 (no classifier-free guidance)")

@@ -117,11 +117,13 @@ def load_pipeline(
 
 def _is_local_path(path_or_repo_id) -> bool:
     """Whether this names a path rather than a Hub repo id ("owner/name": no leading ".", "/"
-    or "~", at most one "/")."""
+    or "~", at most one "/"; and an "owner" that is a folder here means a path: weights/sd15)."""
     if isinstance(path_or_repo_id, os.PathLike):
         return True
     text = str(path_or_repo_id)
-    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists():
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
 
 
 def _only_fp16_files(folder: Path) -> bool:

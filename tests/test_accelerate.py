@@ -207,12 +207,14 @@ def test_load_pipeline_missing_folder_names_the_download_command(tmp_path):
         fasterdiff.load_pipeline(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["./no-such-weights", "/no/such/weights", "~/no-such-weights", "a/b/c", "file"])
+@pytest.mark.parametrize("where", ["./no-such-weights", "/no/such/weights", "~/no-such-weights", "a/b/c", "file", "here/sd15"])
 def test_load_pipeline_refuses_a_missing_local_path_without_asking_the_hub(tmp_path, where, monkeypatch):
     """A mistyped folder is not a Hub repo id: its error says no folder is there (the Hub is
-    never asked: this machine has no network, and from_pretrained would say something else)."""
+    never asked: this machine has no network, and from_pretrained would say something else).
+    "here/sd15" looks like owner/name, but here/ is a folder of this machine."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "here").mkdir()
     with pytest.raises(FileNotFoundError, match="no pipeline folder at"):
         fasterdiff.load_pipeline(where)
 

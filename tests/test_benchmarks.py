@@ -318,6 +318,10 @@ def test_noise_injection_sweep_quick_run_on_the_standin():
     # injection moves the images away from stock's; 0.3 far more than reuse alone
     assert rows[2]["psnr_mean"] < rows[1]["psnr_mean"] < 100
     assert "| paper | 0.3 |" in sweep.markdown(result, "cmd")
+    # the control: with Euler, z_T as drawn is far more noise than z_T in the step's scale
+    euler = {d: sweep.run("Euler", 8, prompts_every=30, strengths=(0.05,), plans=("paper",), as_drawn=d) for d in (False, True)}
+    assert euler[True]["z_t"] == "as drawn" and fasterdiff.pipeline.injected_noise.__name__ == "injected_noise"
+    assert euler[True]["rows"][1]["psnr_mean"] < euler[False]["rows"][1]["psnr_mean"] - 3
 
 
 def test_gpu_check_dry_run_times_every_method_and_compiled_equals_eager(tmp_path):

@@ -114,3 +114,24 @@ def test_zero_strength_or_a_plan_reusing_nothing_injects_nothing(pipe, recorded,
         assert torch.equal(sample_in, previous), t
         previous = sample_out
 
+
+
+def test_only_schedulers_with_one_sigma_per_step_rescale_z_t(pipe):
+    """Euler, Euler-Ancestral and LMS hold the latent before step i at sigmas[i]; Heun (sigmas
+    between steps) and the variance-preserving samplers get z_T as drawn."""
+    from diffusers import HeunDiscreteScheduler  # (LMS needs scipy, which is not installed)
+
+    from fasterdiff.pipeline import injected_noise
+
+    z_T = torch.randn(1, 4, 8, 8, generator=gen(0))
+    for cls, rescaled in ((DDIMScheduler, False), (DPMSolverMultistepScheduler, False), (HeunDiscreteScheduler, False),
+                          (EulerDiscreteScheduler, True), (EulerAncestralDiscreteScheduler, True)):
+        scheduler = cls.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(STEPS)
+        got = injected_noise(z_T, scheduler, STEPS - 1)
+        if rescaled:
+            sigma = float(scheduler.sigmas[STEPS - 1])
+            torch.testing.assert_close(got, z_T * (1 + sigma**2) ** 0.5 / float(scheduler.init_noise_sigma))
+            assert got.abs().max() < z_T.abs().max() / 5  # late steps: far below z_T's own scale
+        else:
+            assert got is z_T, cls.__name__

@@ -150,6 +150,16 @@ def test_cli_generates_a_file(weights, tmp_path):
     assert img.format == "PNG" and img.size == (256, 256)
 
 
+def test_cli_names_files_by_image_and_the_baseline_s_as_stock(weights, tmp_path, capsys):
+    from fasterdiff.__main__ import main
+
+    args = ["generate", "a cat", "--weights", str(weights), "--steps", "3", "--width", "256", "--height", "256",
+            "--seed", "5", "--num-outputs", "2", "--compare-with-baseline", "-o", str(tmp_path / "cat.png")]
+    assert main(args) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-0.png", "cat-1.png", "cat-stock-0.png", "cat-stock-1.png"]
+    assert f"wrote {tmp_path / 'cat-stock-1.png'}" in capsys.readouterr().out
+
+
 def test_cli_help_and_bad_argument(capsys):
     from fasterdiff.__main__ import main
 
@@ -196,6 +206,9 @@ SERVER_BAD_INPUTS = [
     (dict(key_step_mode="custom", custom_key_steps=""), "custom_key_steps"),
     (dict(key_step_mode="uniform", custom_key_steps="0,1"), "custom_key_steps"),
     (dict(noise_injection_strength=1.5), "noise_injection_strength"),
+    (dict(noise_injection_strength=0.05), "noise_injection_strength"),
+    (dict(width=248), "width"),  # below SD 1.5's smallest, 256: refused by the schema
+    (dict(key_step_mode="auto", forecast=1), "forecast"),
     (dict(noise_injection_strength=-0.01), "noise_injection_strength"),
     (dict(guidance_scale=0.5), "guidance_scale"),
     (dict(guidance_scale=25), "guidance_scale"),

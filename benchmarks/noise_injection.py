@@ -78,9 +78,10 @@ def _with_z_t_as_drawn(measure) -> dict:
 
 
 def markdown(result: dict, command: str) -> str:
+    z_t = result.get("z_t", "in the step's scale")  # results written before the control existed
     lines = [
         f"# Noise injection strength, stand-in, {result['sampler']}-{result['steps']}, {result['prompts']} prompts, "
-        f"z_T {result.get('z_t', 'in the step' + chr(39) + 's scale')}",
+        f"z_T {z_t}",
         "",
         f"`{command}`",
         "",

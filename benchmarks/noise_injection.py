@@ -14,6 +14,7 @@ injected_noise). Writes noise-injection-<sampler>-<steps>[-as-drawn].{md,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -41,8 +42,6 @@ def sample(pipe, prompts: list[str], steps: int, **settings) -> torch.Tensor:
 
 def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, plans=PLANS, as_drawn: bool = False) -> dict:
     require()
-    if as_drawn:
-        return _with_z_t_as_drawn(lambda: run(sampler, steps, prompts_every, strengths, plans))
     pipe = fasterdiff.load_pipeline(PIPELINE_DIR, device="cpu", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
@@ -59,20 +58,23 @@ def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, p
 
     stock = sample(pipe, prompts, steps, key_steps="off")
     rows = [row("stock", None, stock, stock)]
-    for plan in plans:
-        for strength in strengths:
-            rows.append(row(plan, strength, sample(pipe, prompts, steps, key_steps=plan, noise_injection=strength), stock))
-    return {"sampler": sampler, "steps": steps, "prompts": len(prompts), "rows": rows, "z_t": "in the step's scale"}
+    with _z_t_as_drawn() if as_drawn else contextlib.nullcontext():
+        for plan in plans:
+            for strength in strengths:
+                rows.append(row(plan, strength, sample(pipe, prompts, steps, key_steps=plan, noise_injection=strength), stock))
+    z_t = "as drawn" if as_drawn else "in the step's scale"
+    return {"sampler": sampler, "steps": steps, "prompts": len(prompts), "rows": rows, "z_t": z_t}
 
 
-def _with_z_t_as_drawn(measure) -> dict:
-    """``measure()`` with z_T added as the sampler drew it (the control for the rescaling)."""
+@contextlib.contextmanager
+def _z_t_as_drawn():
+    """z_T added as the sampler drew it (the control for the rescaling Euler-type samplers get)."""
     from fasterdiff import pipeline
 
     rescaled = pipeline.injected_noise
     pipeline.injected_noise = lambda z_T, scheduler, index: z_T
     try:
-        return dict(measure(), z_t="as drawn")
+        yield
     finally:
         pipeline.injected_noise = rescaled
 

@@ -192,7 +192,6 @@ class Generator:
         unchecked = without_safety_checker(pipe) if pipe.safety_checker is not None else pipe
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
         self.fast = {False: accelerate(pipe, compile=compile), True: accelerate(unchecked, compile=compile)}
-        self.compiled = bool(compile)
         if compile:  # one compiled UNet for both, so that one warm-up serves both
             self.fast[True].unet = self.fast[False].unet
         # and one max_batch="auto" measurement: the warm-up runs one of them, and after it has
@@ -273,7 +272,8 @@ class Generator:
             baseline_seconds = time.perf_counter() - start
             named += _named("stock", base)
             # the baseline is stock as users run it (eager); a compiled UNet's gain is in the speedup
-            eager = " (eager UNet; the accelerated run's is compiled)" if self.compiled else ""
+            compiled = hasattr(fast.unet, "_orig_mod")  # as the pipeline tells a compiled UNet
+            eager = " (eager UNet; the accelerated run's is compiled)" if compiled else ""
             messages += [
                 f"stock diffusers seconds: {baseline_seconds:.2f}{eager}",
                 f"speedup: {baseline_seconds / stats.seconds:.2f}x",

@@ -10,6 +10,7 @@ fasterdiff.service.BOUNDS and fasterdiff.SAMPLER_NAMES; tests check both.
 """
 
 import logging
+import pathlib
 import shutil
 import tempfile
 from typing import Optional
@@ -18,7 +19,10 @@ from cog import BaseRunner, Input, Path
 
 from fasterdiff import load_pipeline
 from fasterdiff.service import Generator, Request, env_compile, env_flag
-from fasterdiff.weights import ensure_weights
+from fasterdiff.weights import ensure_weights, weights_dir
+
+# the Cog image's weights: weights/ beside this file ($FASTERDIFF_WEIGHTS overrides)
+WEIGHTS = pathlib.Path(__file__).resolve().with_name("weights")
 
 
 class Predictor(BaseRunner):
@@ -28,7 +32,7 @@ class Predictor(BaseRunner):
         # torch.compile the UNet (first calls compile; see README).
         # FASTERDIFF_WARMUP: one thrown-away prediction here (default: on a GPU or when compiling).
         compile_unet = env_compile("FASTERDIFF_COMPILE")
-        self.generator = Generator(load_pipeline(ensure_weights(), local_files_only=True), compile=compile_unet)
+        self.generator = Generator(load_pipeline(ensure_weights(weights_dir(WEIGHTS)), local_files_only=True), compile=compile_unet)
         if env_flag("FASTERDIFF_WARMUP", bool(compile_unet) or self.generator.device.type == "cuda"):
             seconds = self.generator.warm_up()
             logging.info("warm-up: %.1f s (compile: %s)", seconds, compile_unet)

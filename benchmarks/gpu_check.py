@@ -45,11 +45,11 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
-from fasterdiff.bench.harness import deepcache  # noqa: E402
-from fasterdiff.calibrate import PLANS_FILE_NAME  # noqa: E402
+from fasterdiff.tools.bench.harness import deepcache  # noqa: E402
+from fasterdiff.tools.calibrate import PLANS_FILE_NAME  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
-from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
-from fasterdiff.tiny import sd15_unet, tiny_pipeline  # noqa: E402
+from fasterdiff.tools.standin import PIPELINE_DIR  # noqa: E402
+from fasterdiff.tools.tiny import sd15_unet, tiny_pipeline  # noqa: E402
 
 STANDIN_PLANS = PIPELINE_DIR / PLANS_FILE_NAME
 # (sampler, steps, images per prompt), most important first: a short budget drops the last

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import fasterdiff  # noqa: E402
 from fasterdiff.samplers import SAMPLER_NAMES, make_scheduler  # noqa: E402
-from fasterdiff.standin import PIPELINE_DIR, data, require, score  # noqa: E402
+from fasterdiff.tools import metrics  # noqa: E402
+from fasterdiff.tools.standin import PIPELINE_DIR, data, require, score  # noqa: E402
 
 STRENGTHS = (0.0, 0.003, 0.01, 0.02, 0.05, 0.1)
 PLANS = ("paper", "auto")
@@ -52,7 +53,7 @@ def run(sampler: str, steps: int, prompts_every: int = 1, strengths=STRENGTHS, p
     def row(plan: str, strength, images: torch.Tensor, stock: torch.Tensor) -> dict:
         right = score.all_right(score.classify(classifier, images), wanted).astype(float)
         low, high = score.bootstrap(right, np.mean)
-        psnr = score.psnr(images, stock)
+        psnr = metrics.psnr(images, stock, data_range=2)
         return {"plan": plan, "strength": strength, "accuracy": float(right.mean()), "accuracy_95": [low, high],
                 "psnr_mean": float(psnr.mean()), "psnr_min": float(psnr.min())}
 

@@ -2,7 +2,7 @@
 
     python benchmarks/plan_study.py [--sampler DDIM] [--steps 50] [--pairs 90] [--out benchmarks/results]
 
-Calibration (fasterdiff.calibrate) searches key-step positions, replay and linear forecasts
+Calibration (fasterdiff.tools.calibrate) searches key-step positions, replay and linear forecasts
 (full and damped by half). This study measures three further ideas against that grid's own
 families at DeepCache's key steps (every 3rd and every 5th step), so that a reader can see
 why calibration does not search them:
@@ -15,13 +15,13 @@ why calibration does not search them:
   half of the gap it extrapolates from, replay beyond (also at key steps spaced denser
   towards the start, where late gaps are long).
 
-Pairs: ``calibrate.standin_pairs(pairs, first_seed=2000)``: neither the calibration pairs
+Pairs: ``data.calibration_pairs(pairs, first_seed=2000)``: neither the calibration pairs
 (seeds 1000 on) nor the fidelity benchmark's scoring pairs (seeds 0, 1, 2). Every plan runs
 with the library's default noise injection, against stock without it, as calibration does.
 Per plan: UNet FLOPs relative to stock (counted on the model), UNet calls, PSNR against
 stock's images (pooled, mean, worst) and prompt accuracy by the stand-in's classifier with
 the pairs gained and lost against stock (McNemar's p). GPU time is not modelled here: the
-cost model (fasterdiff/cost.py) was measured for branch 0 only. Writes
+cost model (fasterdiff/tools/cost.py) was measured for branch 0 only. Writes
 ``plan-study-SAMPLER-STEPS.{md,json}`` to ``--out``.
 """
 
@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
-from fasterdiff import calibrate, cost  # noqa: E402
+from fasterdiff.tools import calibrate, cost  # noqa: E402
 from fasterdiff import unet as unet_layout  # noqa: E402
-from fasterdiff.bench.fidelity import paired_comparison  # noqa: E402
+from fasterdiff.tools.bench.fidelity import paired_comparison  # noqa: E402
 from fasterdiff.plan import ReusePlan, deep_plan_from_keys  # noqa: E402
 from fasterdiff.samplers import DETERMINISTIC_SAMPLERS  # noqa: E402
-from fasterdiff.standin import PIPELINE_DIR, data, score  # noqa: E402
+from fasterdiff.tools.standin import PIPELINE_DIR, data, score  # noqa: E402
 
 DEVELOPMENT_SEED = 2000
 MIXED_SHARE = 0.3  # mixed depth: the deeper branch for this share of the steps
@@ -113,12 +113,12 @@ def hits_of(images: torch.Tensor, classifier, wanted) -> np.ndarray:
 
 def run(sampler: str, steps: int, pairs: int, progress: bool = True) -> dict:
     pipe = fasterdiff.load_pipeline(PIPELINE_DIR, local_files_only=True)
-    prompts, seeds = calibrate.standin_pairs(pairs, first_seed=DEVELOPMENT_SEED)
+    prompts, seeds = data.calibration_pairs(pairs, first_seed=DEVELOPMENT_SEED)
     noise = fasterdiff.Settings().noise_injection
     setting = calibrate.Setting(sampler, steps, 7.5, data.IMAGE_SIZE, data.IMAGE_SIZE, prompts, seeds, batch=30)
     stock = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
     stock.set_progress_bar_config(disable=True)
-    reference = calibrate._sample(stock, setting)
+    reference = calibrate.sample_pairs(stock, setting)
     classifier = score.load_classifier()
     wanted = [data.parse_prompt(p) for p in prompts]
     stock_hits = hits_of(reference, classifier, wanted)
@@ -129,7 +129,7 @@ def run(sampler: str, steps: int, pairs: int, progress: bool = True) -> dict:
              "unet_calls": len(timesteps), "psnr_pooled": None, "psnr_mean": None, "psnr_min": None,
              "accuracy": float(stock_hits.mean()), "gained": 0, "lost": 0, "p": 1.0}]
     for family, name, plan in tqdm(measured, desc="plans", disable=not progress):
-        images = calibrate._sample(stock, setting, key_steps=plan, parallel=plan.batchable, noise_injection=noise)
+        images = calibrate.sample_pairs(stock, setting, key_steps=plan, parallel=plan.batchable, noise_injection=noise)
         values = calibrate.psnr(images, reference)
         hits = hits_of(images, classifier, wanted)
         rows.append({

@@ -4,7 +4,7 @@ call, 1 and 4 images per prompt, DDIM-50 (or --sampler/--steps), interleaved rou
     python benchmarks/standin_speed.py [--rounds 7] [--sampler DDIM] [--steps 50]
 
 Compares stock, DeepCache intervals 3 and 5, fasterdiff's paper plan, deep plans with a
-forecast, auto and the calibrated plan of the deepcache-5 level (see fasterdiff.calibrate).
+forecast, auto and the calibrated plan of the deepcache-5 level (see fasterdiff.tools.calibrate).
 Prints a markdown table: seconds per call (median, min-max) and speedup against stock
 within each round.
 """
@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
-from fasterdiff import calibrate  # noqa: E402
-from fasterdiff.bench.harness import deepcache  # noqa: E402
+from fasterdiff import choice  # noqa: E402
+from fasterdiff.tools.bench.harness import deepcache  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
-from fasterdiff.standin import PIPELINE_DIR  # noqa: E402
+from fasterdiff.tools.standin import PIPELINE_DIR  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
         "fasterdiff paper (parallel)": (fasterdiff.accelerate(pipe, key_steps="paper", noise_injection=0), None),
         "fasterdiff auto": (auto, None),
     }
-    level = calibrate.choose(auto.settings.plans, pipe.scheduler, args.steps, pipe.unet, level="deepcache-5")
+    level = choice.choose(auto.settings.plans, pipe.scheduler, args.steps, pipe.unet, level="deepcache-5")
     if level.beyond_deepcache:
         fast = fasterdiff.accelerate(pipe, key_steps=level.key_steps, reuse=level.reuse, noise_injection=0)
         methods["fasterdiff calibrated, deepcache-5 level"] = (fast, None)

@@ -135,7 +135,7 @@ def _add_fidelity(bsub) -> None:
 
 
 def _fidelity(args, argv) -> int:
-    from .bench import fidelity, fidelity_report
+    from .tools.bench import fidelity, fidelity_report
 
     cfg = fidelity.Config(
         sampler=args.sampler,
@@ -179,8 +179,8 @@ def _add_analyze(sub) -> None:
 def _analyze(args, argv) -> int:
     import torch
 
-    from . import features
-    from .standin import PIPELINE_DIR, STANDIN_DIR, data, require
+    from .tools import features
+    from .tools.standin import STANDIN_DIR, data, is_standin, require
     from .weights import load_pipeline
 
     weights = Path(args.weights) if args.weights else require(STANDIN_DIR) / "pipeline"
@@ -188,13 +188,13 @@ def _analyze(args, argv) -> int:
     pipe = load_pipeline(weights, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     result = features.analyze(pipe, prompts, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
-    model = "standin" if weights.resolve() == PIPELINE_DIR.resolve() else weights.name
+    model = "standin" if is_standin(weights) else weights.name
     prefix = args.out or f"benchmarks/results/features-{model}-{args.sampler}-{args.steps}"
     return _report(result, prefix, argv, features.write, features.markdown_table)
 
 
 def _benchmark(args, argv) -> int:
-    from .bench import speed
+    from .tools.bench import speed
 
     if args.benchmark == "fidelity":
         return _fidelity(args, argv)
@@ -251,15 +251,15 @@ def _add_calibrate(sub) -> None:
 
 
 def _calibrate(args) -> int:
-    from . import calibrate
-    from .standin import PIPELINE_DIR
+    from .tools import calibrate, calibration_report
+    from .tools.standin import data, is_standin
     from .weights import load_pipeline, weights_dir
 
     folder = Path(args.weights or weights_dir())
     pipe = load_pipeline(folder, local_files_only=True)
-    standin = folder.resolve() == PIPELINE_DIR.resolve()
+    standin = is_standin(folder)
     count = args.pairs or (24 if standin else 32)
-    prompts, seeds = calibrate.standin_pairs(count) if standin else calibrate.sd_pairs(count)
+    prompts, seeds = data.calibration_pairs(count) if standin else calibrate.sd_pairs(count)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch = args.batch or (len(prompts) if pipe.device.type == "cpu" else 4)
     setting = calibrate.Setting(
@@ -269,9 +269,9 @@ def _calibrate(args) -> int:
     out = Path(args.out) if args.out else folder / calibrate.PLANS_FILE_NAME
     calibrate.write_entry(out, entry)
     stem = out.with_suffix("")
-    table = calibrate.markdown(entry)
+    table = calibration_report.markdown(entry)
     Path(f"{stem}-{args.sampler}-{args.steps}.md").write_text(table)
-    calibrate.plot(entry, f"{stem}-{args.sampler}-{args.steps}.png")
+    calibration_report.plot(entry, f"{stem}-{args.sampler}-{args.steps}.png")
     print(table)
     print(f"wrote {out} and {stem}-{args.sampler}-{args.steps}.{{md,png}}")
     return 0

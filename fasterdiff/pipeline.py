@@ -19,7 +19,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -34,8 +33,9 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from . import schedule
-from .calibrate import AUTO_KEY_STEPS, choose, default_plans_file
+from . import defaults, schedule
+from .choice import AUTO_KEY_STEPS, choose, is_auto
+from .plan_file import check_plans_file, default_plans_file
 from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
 from .reuse import AUTO_CHUNK_SIZES, ReuseExecutor, Run, RunStats, UNetView
 from .samplers import check_sampler, make_scheduler
@@ -52,7 +52,7 @@ class Settings:
     Important:
       key_steps: "auto" (the fastest plan calibrated on this model whose images are at
         least as close to stock's as DeepCache interval 3's and within the floor; see
-        :mod:`fasterdiff.calibrate`), "auto-fast" (the same at DeepCache interval 5's
+        :mod:`fasterdiff.tools.calibrate`), "auto-fast" (the same at DeepCache interval 5's
         level); for
         ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
         "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
@@ -85,18 +85,18 @@ class Settings:
         weights the pipeline was loaded from).
     """
 
-    key_steps: object = "auto"
-    parallel: bool | None = None
-    max_batch: int | str | None = "auto"
-    noise_injection: float = 0.003
-    noise_injection_start: float = 500
-    reuse: str = "encoder"
-    branch: int = 0
-    forecast: int = 0
+    key_steps: object = defaults.KEY_STEPS
+    parallel: bool | None = defaults.PARALLEL
+    max_batch: int | str | None = defaults.MAX_BATCH
+    noise_injection: float = defaults.NOISE_INJECTION
+    noise_injection_start: float = defaults.NOISE_INJECTION_START
+    reuse: str = defaults.REUSE
+    branch: int = defaults.BRANCH
+    forecast: int = defaults.FORECAST
     plans: str | None = None  # the plan file "auto" reads
 
     def __post_init__(self):
-        auto = isinstance(self.key_steps, str) and self.key_steps in AUTO_KEY_STEPS
+        auto = is_auto(self.key_steps)
         if auto and (self.reuse != "encoder" or self.forecast):
             raise ValueError(
                 f"reuse and forecast need explicit key_steps (e.g. key_steps='paper'); key_steps={self.key_steps!r} "
@@ -135,7 +135,7 @@ class Settings:
 
     def without_auto(self, scheduler, num_inference_steps: int, unet) -> tuple[Settings, str]:
         """With key_steps="auto" or "auto-fast": the settings of the plan it picks, and why; else these."""
-        if not (isinstance(self.key_steps, str) and self.key_steps in AUTO_KEY_STEPS):
+        if not is_auto(self.key_steps):
             return self, ""
         choice = choose(self.plans, scheduler, num_inference_steps, unet, level=AUTO_KEY_STEPS[self.key_steps])
         # parallel=True asks to batch where the plan allows; a deep plan does not
@@ -149,12 +149,6 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
-
-
-def _check_plans(plans) -> None:
-    """A plan file given by name must exist (only the default one, beside the weights, may not)."""
-    if not Path(plans).is_file():
-        raise ValueError(f"plans: no plan file at {plans} (calibrate one with: python -m fasterdiff calibrate)")
 
 
 def _is_real(x) -> bool:
@@ -197,7 +191,7 @@ class _Accelerated:
             raise ValueError("this pipeline has no UNet to sample with (it was made from one with unet=None)")
         overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
         if overrides.get("plans") is not None:
-            _check_plans(overrides["plans"])
+            check_plans_file(overrides["plans"])
         settings = dataclasses.replace(self.settings, **overrides)
         stock_call = super().__call__
         bound = inspect.signature(stock_call).bind(*args, **kwargs)
@@ -212,7 +206,8 @@ class _Accelerated:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
         settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet)
-        if chosen:
+        if chosen and chosen not in self._said:  # once per pipeline: not at every call
+            self._said.add(chosen)
             log.info(chosen)
         plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
         if not any(plan.replay) and settings.noise_injection:  # nothing reused ("off", or auto running stock):
@@ -411,14 +406,14 @@ class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):
 
 def accelerate(
     pipe,
-    key_steps="auto",
-    parallel: bool | None = None,
-    max_batch: int | str | None = "auto",
-    noise_injection: float = 0.003,
-    noise_injection_start: float = 500,
-    reuse: str = "encoder",
-    branch: int = 0,
-    forecast: int = 0,
+    key_steps=defaults.KEY_STEPS,
+    parallel: bool | None = defaults.PARALLEL,
+    max_batch: int | str | None = defaults.MAX_BATCH,
+    noise_injection: float = defaults.NOISE_INJECTION,
+    noise_injection_start: float = defaults.NOISE_INJECTION_START,
+    reuse: str = defaults.REUSE,
+    branch: int = defaults.BRANCH,
+    forecast: int = defaults.FORECAST,
     plans: str | os.PathLike | None = None,
     compile: bool | dict = False,
 ):
@@ -438,7 +433,7 @@ def accelerate(
     if plans is None:
         plans = default_plans_file(pipe)  # may not exist: auto then runs the paper's key steps
     else:
-        _check_plans(plans)
+        check_plans_file(plans)
     settings = Settings(
         key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
         None if plans is None else str(plans),
@@ -475,5 +470,6 @@ def accelerate(
         fast.unet = torch.compile(pipe.unet, **options)
         fast._pad_sizes = AUTO_CHUNK_SIZES[1:]
     fast._fasterdiff_state = None
+    fast._said = set()  # auto's reasons already logged
     fast.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return fast

@@ -20,6 +20,7 @@ that does any work.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 
@@ -34,13 +35,16 @@ log = logging.getLogger("fasterdiff")
 
 @dataclass
 class RunStats:
-    """What one sampling run did."""
+    """What one sampling run did, counted in UNet evaluations (one per step the pipeline
+    takes; PNDM makes one more than num_inference_steps; img2img and inpainting only the
+    steps their strength leaves)."""
 
-    num_steps: int  # UNet evaluations the plan covers (PNDM: num_inference_steps + 1)
+    num_steps: int  # UNet evaluations the plan covers
     key_steps: tuple[int, ...]
-    encoder_calls: int = 0  # key steps computed (every module of the UNet ran)
-    decoder_calls: int = 0  # unet(...) calls that computed something
-    decoder_steps_per_call: list[int] = field(default_factory=list)
+    full_evaluations: int = 0  # evaluations that computed every module of the UNet (the key steps)
+    unet_calls: int = 0  # unet(...) calls that computed something (a batched call counts once)
+    steps_per_call: list[int] = field(default_factory=list)  # evaluations each of those calls answered
+    controlnet_evaluations: int = 0  # ControlNet forwards that computed (per net), where the pipeline has one
     out_of_memory_retries: int = 0
     denoise_seconds: float = 0.0
     seconds: float = 0.0
@@ -48,23 +52,36 @@ class RunStats:
     decoded_in_float32: bool = False  # the VAE overflowed in half precision and decoded again
 
     @property
-    def encoder_calls_saved(self) -> int:
-        return self.num_steps - self.encoder_calls
+    def reused_evaluations(self) -> int:
+        """Evaluations that replayed (or forecast) some modules instead of computing them."""
+        return self.num_steps - self.full_evaluations
+
+    # the names of the previous release, which said "encoder" and "decoder" for every plan
+    encoder_calls = property(lambda self: _renamed("encoder_calls", "full_evaluations", self.full_evaluations))
+    encoder_calls_saved = property(lambda self: _renamed("encoder_calls_saved", "reused_evaluations", self.reused_evaluations))
+    decoder_calls = property(lambda self: _renamed("decoder_calls", "unet_calls", self.unet_calls))
+    decoder_steps_per_call = property(lambda self: _renamed("decoder_steps_per_call", "steps_per_call", self.steps_per_call))
 
     def as_dict(self) -> dict:
         return {
             "num_steps": self.num_steps,
             "key_steps": list(self.key_steps),
-            "encoder_calls": self.encoder_calls,
-            "encoder_calls_saved": self.encoder_calls_saved,
-            "decoder_calls": self.decoder_calls,
-            "decoder_steps_per_call": list(self.decoder_steps_per_call),
+            "full_evaluations": self.full_evaluations,
+            "reused_evaluations": self.reused_evaluations,
+            "unet_calls": self.unet_calls,
+            "steps_per_call": list(self.steps_per_call),
+            "controlnet_evaluations": self.controlnet_evaluations,
             "out_of_memory_retries": self.out_of_memory_retries,
             "denoise_seconds": round(self.denoise_seconds, 4),
             "seconds": round(self.seconds, 4),
             "plan": self.plan,
             "decoded_in_float32": self.decoded_in_float32,
         }
+
+
+def _renamed(old: str, new: str, value):
+    warnings.warn(f"RunStats.{old} is now RunStats.{new}; the old name goes in the next release", DeprecationWarning, stacklevel=3)
+    return value
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -281,9 +298,9 @@ class ReuseExecutor:
                 before, torch.cuda.max_memory_allocated(self.device) - before, torch.cuda.mem_get_info(self.device)[0]
             )
             log.info("max_batch='auto': %d steps per call", self.auto_steps[self.shape])
-        run.stats.decoder_calls += 1
-        run.stats.decoder_steps_per_call.append(steps)
-        run.stats.encoder_calls += int(fresh)
+        run.stats.unet_calls += 1
+        run.stats.steps_per_call.append(steps)
+        run.stats.full_evaluations += int(fresh)
         eps = out[0] if isinstance(out, tuple) else out.sample
         return eps[: rows * steps]
 

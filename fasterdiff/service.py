@@ -22,37 +22,16 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .calibrate import AUTO_KEY_STEPS
+from . import defaults
+from .choice import AUTO_KEY_STEPS
+from .defaults import BOUNDS, KEY_STEP_MODES, MAX_PROMPT_CHARS, MAX_SEED, OUTPUT_FORMATS  # noqa: F401  (the service's API)
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
 
-KEY_STEP_MODES = ("auto", "auto-fast", "non-uniform", "uniform", "custom", "off")
 # Call arguments of an accelerated pipeline that stock diffusers does not take.
 ACCELERATION_ARGUMENTS = ("sampler", "key_steps", "forecast", "parallel", "noise_injection")
-OUTPUT_FORMATS = ("webp", "jpg", "png")
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 10_000  # far beyond 77 tokens; longer text is refused, not tokenized
-# Numeric inputs: name -> (min, max). Sizes must also be multiples of 8, and at least
-# half the model's native size (see Generator.min_size). predict.py repeats these as
-# literals for cog's schema (its sizes start at 256: it serves SD 1.5); tests check
-# that every place agrees, and that noise_injection_strength's bound is within what
-# the library accepts.
-BOUNDS = {
-    "width": (32, 1024),
-    "height": (32, 1024),
-    "num_outputs": (1, 4),
-    "num_inference_steps": (1, 100),
-    "uniform_interval": (2, 10),
-    "forecast": (0, 2),
-    # the paper's 0.003 and up to ~7x it: on the stand-in (paper key steps, DDIM-50) prompt accuracy
-    # is 0.600 at 0.003, 0.494 at 0.02, 0.194 at 0.05, 0.050 at 0.1 (README, Noise injection strength)
-    "noise_injection_strength": (0.0, 0.02),
-    "guidance_scale": (1.0, 20.0),
-    "seed": (0, MAX_SEED),
-    "output_quality": (1, 100),
-}
 
 
 @dataclass
@@ -63,19 +42,19 @@ class Request:
     negative_prompt: str = ""
     width: int | None = None  # None: the model's native size (512 for SD 1.5)
     height: int | None = None
-    num_outputs: int = 1
-    sampler: str = "DDIM"
-    num_inference_steps: int = 50
-    key_step_mode: str = "auto"
-    uniform_interval: int = 5
-    forecast: int = 0
+    num_outputs: int = defaults.NUM_OUTPUTS
+    sampler: str = defaults.SAMPLER
+    num_inference_steps: int = defaults.NUM_INFERENCE_STEPS
+    key_step_mode: str = defaults.KEY_STEP_MODE
+    uniform_interval: int = defaults.UNIFORM_INTERVAL
+    forecast: int = defaults.FORECAST
     custom_key_steps: str = ""
     parallel: bool = True
-    noise_injection_strength: float = 0.003
-    guidance_scale: float = 7.5
+    noise_injection_strength: float = defaults.NOISE_INJECTION
+    guidance_scale: float = defaults.GUIDANCE_SCALE
     seed: int | None = None
-    output_format: str = "webp"
-    output_quality: int = 80
+    output_format: str = defaults.OUTPUT_FORMAT
+    output_quality: int = defaults.OUTPUT_QUALITY
     disable_safety_checker: bool = False
     compare_with_baseline: bool = False
 
@@ -245,11 +224,11 @@ class Generator:
         # (file name, image, flagged): accelerated images are out-<i>, the baseline's stock-<i>
         named = _named("out", out)
         messages += [
-            f"key steps: {list(stats.key_steps)} ({stats.encoder_calls} of {stats.num_steps} UNet evaluations "
+            f"key steps: {list(stats.key_steps)} ({stats.full_evaluations} of {stats.num_steps} UNet evaluations "
             f"compute the whole UNet{'; PNDM makes one more than num_inference_steps' if stats.num_steps > req.num_inference_steps else ''})",
             *([stats.plan] if stats.plan else []),
-            f"encoder calls saved: {stats.encoder_calls_saved}",
-            f"decoder calls: {stats.decoder_calls} (steps per call: {stats.decoder_steps_per_call})",
+            f"evaluations reusing cached features: {stats.reused_evaluations}",
+            f"UNet calls: {stats.unet_calls} (steps per call: {stats.steps_per_call})",
             f"fasterdiff seconds: {stats.seconds:.2f}",
         ]
         if stats.decoded_in_float32:

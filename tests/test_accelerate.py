@@ -18,7 +18,7 @@ def run(fast, prompt="a cat", steps=10, seed=0, **kw):
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_off_equals_stock_for_every_sampler(pipe, sampler):
-    stock = fasterdiff.tiny.tiny_pipeline()  # own copy: its scheduler gets replaced
+    stock = fasterdiff.tools.tiny.tiny_pipeline()  # own copy: its scheduler gets replaced
     stock.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     expected = stock("a cat", num_inference_steps=8, generator=gen(3), output_type="np", **SIZE).images
     fast = fasterdiff.accelerate(pipe, key_steps="off")  # default noise injection: not applied without reuse
@@ -71,10 +71,10 @@ def test_encoder_runs_once_per_key_step_and_decoder_once_per_step_or_group(pipe,
     with count_calls(pipe.unet.down_blocks[0].resnets[0]) as enc, count_calls(pipe.unet.up_blocks[0]) as dec:
         result = run(fast, steps=20)
     plan = fasterdiff.schedule.resolve(key_steps, 20)
-    assert len(enc) == len(plan.steps) == result.stats.encoder_calls
+    assert len(enc) == len(plan.steps) == result.stats.full_evaluations
     assert enc == [2] * len(plan.steps)  # the encoder sees the key step's guided rows only
     expected_decoder_calls = len(plan.groups) if parallel else 20
-    assert len(dec) == expected_decoder_calls == result.stats.decoder_calls
+    assert len(dec) == expected_decoder_calls == result.stats.unet_calls
     # CFG doubles the batch; parallel stacks a group's steps in one call
     assert dec == [2 * len(g) for g in plan.groups] if parallel else dec == [2] * 20
 
@@ -86,14 +86,14 @@ def test_max_batch_splits_groups_into_chunks(pipe):
     # 2 images per step -> at most 3 steps (6 images, 12 UNet samples with CFG) per call
     groups = [len(g) for g in fasterdiff.schedule.resolve("paper", 20).groups]
     expected = [min(3, n - i) for n in groups for i in range(0, n, 3)]
-    assert result.stats.decoder_steps_per_call == expected
+    assert result.stats.steps_per_call == expected
     assert dec == [12 * n // 3 for n in expected]
 
 
 def test_default_is_auto_which_falls_back_to_the_paper_schedule_without_a_plan_file(pipe):
     result = run(fasterdiff.accelerate(pipe), steps=50)
     assert result.stats.key_steps == paper_key_steps(50) and "no plan file" in result.stats.plan
-    assert result.stats.encoder_calls_saved == 41
+    assert result.stats.reused_evaluations == 41
 
 
 def test_noise_injection_zero_is_a_no_op_and_alpha_touches_steps_below_tau(pipe):
@@ -242,7 +242,7 @@ def test_every_sampler_works_with_every_key_step_mode(pipe, sampler):
         par = run(fast, steps=9, sampler=sampler, key_steps=key_steps, parallel=True)
         assert np.isfinite(par.images).all() and par.images.std() > 0
         assert np.abs(seq.images - par.images).max() <= 1e-4, key_steps
-        assert par.stats.encoder_calls == len(par.stats.key_steps)
+        assert par.stats.full_evaluations == len(par.stats.key_steps)
 
 
 def test_load_pipeline_from_a_folder_of_fp16_files(pipe, tmp_path):
@@ -259,8 +259,8 @@ def test_max_batch_auto_bounds_steps_per_call(pipe, monkeypatch):
 
     fast = fasterdiff.accelerate(pipe, key_steps="paper")  # max_batch="auto" by default
     stats = run(fast, steps=50).stats
-    assert max(stats.decoder_steps_per_call) == reuse.CPU_AUTO_STEPS  # the CPU's fixed size
-    assert sum(stats.decoder_steps_per_call) == 50
+    assert max(stats.steps_per_call) == reuse.CPU_AUTO_STEPS  # the CPU's fixed size
+    assert sum(stats.steps_per_call) == 50
     # the memory rule: the largest size whose batched call stays within 1.5x stock's peak
     assert reuse.steps_within_memory(resident=1000, per_step=100, free=10**9) == 4  # 1.5*1100-1000=650 -> 4*100
     assert reuse.steps_within_memory(resident=1000, per_step=10, free=10**9) == 16
@@ -283,12 +283,12 @@ def test_max_batch_auto_measures_the_first_call_of_each_shape_once(pipe, monkeyp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9, 10**9))
     fast = fasterdiff.accelerate(pipe, key_steps=5)  # groups of 5 steps
     # samples on the CPU: the CPU's fixed size, nothing measured, whatever CUDA reports
-    assert run(fast, steps=20).stats.decoder_steps_per_call == [4, 1] * 4 and not resets
+    assert run(fast, steps=20).stats.steps_per_call == [4, 1] * 4 and not resets
     monkeypatch.setattr(reuse, "_cuda_memory", lambda device: True)  # as if the samples were on the GPU
     fast = fasterdiff.accelerate(pipe, key_steps=5)
-    first = run(fast, steps=20).stats.decoder_steps_per_call
-    second = run(fast, steps=20).stats.decoder_steps_per_call
+    first = run(fast, steps=20).stats.steps_per_call
+    second = run(fast, steps=20).stats.steps_per_call
     assert first == [1, 4] + [4, 1] * 3  # measured alone, then at most 4 per call
     assert second == [4, 1] * 4 and len(resets) == 1
     other = fast("a cat", num_inference_steps=20, height=32, width=32, output_type="latent", generator=gen())
-    assert other.stats.decoder_steps_per_call[0] == 1 and len(resets) == 2  # another shape is measured
+    assert other.stats.steps_per_call[0] == 1 and len(resets) == 2  # another shape is measured

@@ -10,9 +10,9 @@ from cog_server import ROOT
 from conftest import gen
 
 import fasterdiff
-from fasterdiff import features
-from fasterdiff.bench.fidelity import reuse_noise_prediction
-from fasterdiff.tiny import tiny_pipeline
+from fasterdiff.tools import features
+from fasterdiff.tools.bench.fidelity import reuse_noise_prediction
+from fasterdiff.tools.tiny import tiny_pipeline
 
 
 def test_recorded_bottleneck_is_the_mid_block_output_of_each_call(pipe):
@@ -91,7 +91,7 @@ def test_analyze_features_cli_writes_plot_table_and_json(weights, tmp_path):
 
 
 def test_fidelity_benchmark_quick_run(tmp_path):
-    from fasterdiff.bench import fidelity, fidelity_report
+    from fasterdiff.tools.bench import fidelity, fidelity_report
 
     cfg = fidelity.Config(steps=6, seeds=2, prompts=3)
     result = fidelity.run(cfg)
@@ -105,7 +105,7 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     assert (images[seq] - images[par]).abs().max() < 1e-3
     assert rows[seq]["encoder_calls"] == 4 and rows[seq]["decoder_steps"] == 6 and rows[par]["decoder_steps"] == 6
     gpu = {k: rows[k]["gpu_seconds_modelled"] for k in (par, seq, "stock diffusers")}
-    assert gpu[par] < gpu[seq] < gpu["stock diffusers"] == pytest.approx(6 * fasterdiff.cost.GPU_SECONDS[1]["full"])
+    assert gpu[par] < gpu[seq] < gpu["stock diffusers"] == pytest.approx(6 * fasterdiff.tools.cost.GPU_SECONDS[1]["full"])
     assert 0.5 < rows[seq]["unet_cost"] < 1.0 and rows[seq]["unet_cost"] == pytest.approx(rows[par]["unet_cost"], rel=1e-6)
     reuse = rows["control: reuse whole noise prediction, paper key steps"]
     assert reuse["encoder_calls"] == 4 and reuse["decoder_steps"] == 4
@@ -142,7 +142,7 @@ def test_fidelity_cli_refuses_a_stochastic_sampler_and_a_missing_standin(tmp_pat
         main(["benchmark", "fidelity", "--sampler", "PNDM"])
     assert done.value.code == 2 and "--sampler" in capsys.readouterr().err
     assert main(["benchmark", "fidelity", "--standin", str(tmp_path)]) == 2
-    assert "python -m fasterdiff.standin.train" in capsys.readouterr().err
+    assert "python -m fasterdiff.tools.standin.train" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -198,15 +198,15 @@ def test_harness_code_is_shared_not_copied():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
                 private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
-    assert methods == ["fasterdiff/bench/harness.py"]
-    assert probes == ["fasterdiff/bench/harness.py"]
-    assert writers == ["fasterdiff/bench/report.py"]
+    assert methods == ["fasterdiff/tools/bench/harness.py"]
+    assert probes == ["fasterdiff/tools/bench/harness.py"]
+    assert writers == ["fasterdiff/tools/bench/report.py"]
     assert private == []
 
 
 def test_pass_counts_follow_the_plan(pipe):
     import fasterdiff
-    from fasterdiff.bench.harness import count_passes
+    from fasterdiff.tools.bench.harness import count_passes
 
     fast = fasterdiff.accelerate(pipe, max_batch=None)  # whole groups per call
     plan = fasterdiff.schedule.resolve("paper", 12)
@@ -219,7 +219,7 @@ def test_pass_counts_follow_the_plan(pipe):
 
 
 def test_readme_speed_tables_are_the_generated_ones():
-    from fasterdiff.bench import speed
+    from fasterdiff.tools.bench import speed
 
     readme = (ROOT / "README.md").read_text()
     header = speed.markdown_table({"rows": []}).splitlines()[0]
@@ -250,7 +250,7 @@ def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files(capsys):
 
 
 def test_paired_comparison_counts_discordant_pairs_with_mcnemars_exact_p():
-    from fasterdiff.bench.fidelity import paired_comparison
+    from fasterdiff.tools.bench.fidelity import paired_comparison
 
     stock = [1, 1, 1, 1, 1, 1, 0, 0, 1]
     worse = [0, 0, 0, 0, 0, 0, 0, 0, 1]  # six lost, none gained: p = 2 / 2**6

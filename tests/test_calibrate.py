@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import fasterdiff
-from fasterdiff import calibrate
+from fasterdiff import choice, plan_file
+from fasterdiff.tools import calibrate
+from fasterdiff.tools.standin import data as standin_data
 from fasterdiff.samplers import make_scheduler
-from fasterdiff.tiny import tiny_pipeline
+from fasterdiff.tools.tiny import tiny_pipeline
 
 SETTING = dict(sampler="DDIM", steps=8, guidance_scale=7.5, height=32, width=32)
 
@@ -27,7 +29,7 @@ def calibrated(tmp_path_factory):
 def test_plan_file_holds_every_candidate_with_fidelity_cost_and_the_frontier(calibrated):
     pipe, setting, entry, path = calibrated
     data = json.loads(path.read_text())
-    assert data["version"] == calibrate.PLANS_FORMAT_VERSION and list(data["entries"]) == ["DDIM-8"]
+    assert data["version"] == plan_file.PLANS_FORMAT_VERSION and list(data["entries"]) == ["DDIM-8"]
     rows = entry["plans"]
     grid = calibrate.candidates(pipe.unet, 8)
     assert sorted(r["name"] for r in rows if "refined" not in r["name"]) == sorted(n for n, _, _ in grid)
@@ -128,10 +130,10 @@ def test_the_recorded_psnr_is_what_the_plan_gives(calibrated):
     row = [r for r in entry["plans"] if r["frontier"] and "refined" not in r["name"]][-1]
     plan = fasterdiff.ReusePlan.from_json(row["plan"])
     stock = fasterdiff.accelerate(pipe, key_steps="off", noise_injection=0)
-    reference = calibrate._sample(stock, setting)
+    reference = calibrate.sample_pairs(stock, setting)
     # with the library's default noise injection, as auto runs the plan
     assert entry["calibrated_on"]["noise_injection"] == 0.003
-    images = calibrate._sample(stock, setting, key_steps=plan, noise_injection=0.003)
+    images = calibrate.sample_pairs(stock, setting, key_steps=plan, noise_injection=0.003)
     assert calibrate.pooled_psnr(calibrate.psnr(images, reference)) == pytest.approx(row["psnr_pooled"], abs=1e-2)
 
 
@@ -164,11 +166,11 @@ def test_auto_runs_the_plan_its_level_names(calibrated, tmp_path):
         fasterdiff.accelerate(pipe, key_steps="auto-fast", forecast=1)
     # the benchmark's other levels, by name
     scheduler = make_scheduler("DDIM", pipe.scheduler.config)
-    choice = calibrate.choose(path, scheduler, 8, pipe.unet, level="deepcache-5")
-    assert list(choice.key_steps.key_steps) == next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])["key_steps"]
+    picked = choice.choose(path, scheduler, 8, pipe.unet, level="deepcache-5")
+    assert list(picked.key_steps.key_steps) == next(r for r in entry["plans"] if r["name"] == entry["levels"]["deepcache-5"]["plan"])["key_steps"]
     for plans in (path, None):  # a wrong level name is an error, plan file or not
         with pytest.raises(ValueError, match="no calibration level 'fast'"):
-            calibrate.choose(plans, scheduler, 8, pipe.unet, level="fast")
+            choice.choose(plans, scheduler, 8, pipe.unet, level="fast")
 
 
 def test_auto_with_parallel_true_runs_a_deep_plan_sequentially(calibrated, tmp_path):
@@ -179,7 +181,7 @@ def test_auto_with_parallel_true_runs_a_deep_plan_sequentially(calibrated, tmp_p
     calibrate.write_entry(path, only_deep)
     fast = fasterdiff.accelerate(pipe, key_steps="auto", plans=path, parallel=True)
     stats = fast("a cat", sampler="DDIM", num_inference_steps=8, output_type="latent", height=32, width=32).stats
-    assert list(stats.key_steps) == deep["key_steps"] and stats.decoder_steps_per_call == [1] * 8
+    assert list(stats.key_steps) == deep["key_steps"] and stats.steps_per_call == [1] * 8
 
 
 def test_a_plan_file_of_an_older_version_asks_for_calibration(tmp_path):
@@ -202,7 +204,7 @@ def test_default_plan_file_is_beside_the_weights(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "w")
     loaded = fasterdiff.load_pipeline(tmp_path / "w", local_files_only=True)
-    assert calibrate.default_plans_file(loaded) == tmp_path / "w" / calibrate.PLANS_FILE_NAME
+    assert plan_file.default_plans_file(loaded) == tmp_path / "w" / calibrate.PLANS_FILE_NAME
     fast = fasterdiff.accelerate(loaded, key_steps="auto")
     assert fast.settings.plans == str(tmp_path / "w" / calibrate.PLANS_FILE_NAME)
 
@@ -218,22 +220,22 @@ def test_spaced_keys():
 def test_standin_calibration_pairs_cover_every_attribute_evenly():
     from collections import Counter
 
-    from fasterdiff.standin import data
+    from fasterdiff.tools.standin import data
 
-    prompts, seeds = calibrate.standin_pairs(24)
+    prompts, seeds = standin_data.calibration_pairs(24)
     words = [p.split() for p in prompts]
     assert len(set(prompts)) == 24 and seeds == list(range(calibrate.CALIBRATION_SEED, calibrate.CALIBRATION_SEED + 24))
     assert Counter(w[1] for w in words) == {t: 8 for t in data.THICKNESS}
     assert Counter(w[2] for w in words) == {c: 4 for c in data.COLOR_NAMES}
     assert set(w[3] for w in words) == set(data.DIGITS)
     assert len({(w[1], w[2]) for w in words}) == 18  # every colour in every thickness
-    assert len(set(calibrate.standin_pairs(90)[0])) == 90
+    assert len(set(standin_data.calibration_pairs(90)[0])) == 90
     with pytest.raises(ValueError, match="90"):
-        calibrate.standin_pairs(91)
+        standin_data.calibration_pairs(91)
 
 
 def test_fidelity_benchmark_adds_the_other_levels_where_their_plans_differ_from_autos(calibrated, tmp_path):
-    from fasterdiff.bench import fidelity
+    from fasterdiff.tools.bench import fidelity
 
     pipe, _, entry, _ = calibrated
     auto = entry["levels"]["auto"]["plan"]
@@ -259,15 +261,15 @@ def test_the_standin_plans_run_on_sd15s_unet_layout():
     replay exists there (built on the meta device: no weights, no memory)."""
     from diffusers import UNet2DConditionModel
 
-    from fasterdiff.standin import PIPELINE_DIR
-    from fasterdiff.tiny import SD15_UNET_CONFIG
+    from fasterdiff.tools.standin import PIPELINE_DIR
+    from fasterdiff.tools.tiny import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         sd15 = UNet2DConditionModel.from_config(json.loads(SD15_UNET_CONFIG.read_text()))
     entries = calibrate.read_plans(PIPELINE_DIR / calibrate.PLANS_FILE_NAME)["entries"]
     assert set(entries) >= {"DDIM-50", "DPM-Solver++-20"}  # the GPU check's samplers and step counts
     for entry in entries.values():
-        for level in calibrate.AUTO_KEY_STEPS.values():
+        for level in choice.AUTO_KEY_STEPS.values():
             row = next(r for r in entry["plans"] if r["name"] == entry["levels"][level]["plan"])
             plan = fasterdiff.ReusePlan.from_json(row["plan"])
             plan.check_modules(sd15)

@@ -8,7 +8,7 @@ import torch
 from conftest import gen
 
 import fasterdiff
-from fasterdiff.tiny import tiny_pipeline, tiny_xl_pipeline
+from fasterdiff.tools.tiny import tiny_pipeline, tiny_xl_pipeline
 
 SIZE = dict(height=64, width=64)
 
@@ -35,12 +35,12 @@ def test_a_hook_on_pipe_unet_sees_every_computing_evaluation(pipe, parallel):
     groups = [len(g) for g in fasterdiff.plan.encoder_plan(pipe.unet, "paper", 20).groups]
     # guided: 2 rows per step; parallel: one call per group holding all of its steps
     assert batches == ([2 * n for n in groups] if parallel else [2] * 20)
-    assert result.stats.decoder_calls == len(batches)
+    assert result.stats.unet_calls == len(batches)
 
 
 @pytest.mark.parametrize("branch", [0, 2, 4])
 def test_deep_plan_reproduces_deepcache(pipe, branch):
-    from fasterdiff.bench.harness import deepcache
+    from fasterdiff.tools.bench.harness import deepcache
 
     other = tiny_pipeline()
     with deepcache(other, interval=3, branch=branch):
@@ -51,7 +51,7 @@ def test_deep_plan_reproduces_deepcache(pipe, branch):
     fast = fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", branch=branch, parallel=False, noise_injection=0)
     result = fast("a cat", num_inference_steps=10, generator=gen(), output_type="np", **SIZE)
     assert np.abs(result.images - expected).max() <= 1e-4
-    assert result.stats.key_steps == (0, 3, 6, 9) and result.stats.encoder_calls == 4
+    assert result.stats.key_steps == (0, 3, 6, 9) and result.stats.full_evaluations == 4
     assert np.abs(result.images - np_images(pipe, steps=10)).max() > 1e-3  # it did reuse
 
 
@@ -66,7 +66,7 @@ def test_deep_plan_settings_are_checked(pipe):
         fasterdiff.accelerate(pipe, reuse="everything")
     # deep's steps read their own latents: sequential by default
     stats = fasterdiff.accelerate(pipe, key_steps=2, reuse="deep")("a cat", num_inference_steps=6, output_type="latent").stats
-    assert stats.decoder_steps_per_call == [1] * 6
+    assert stats.steps_per_call == [1] * 6
 
 
 def test_lora_scale_reaches_unet_and_text_encoder():
@@ -104,7 +104,7 @@ def test_torch_compile_of_pipe_unet_is_used():
     fast = fasterdiff.accelerate(compiled, key_steps="paper")
     result = fast("a cat", num_inference_steps=50, generator=gen(), output_type="np", height=32, width=32)
     assert counter.frame_count > 0
-    assert int(encoder_runs) == 9 == result.stats.encoder_calls
+    assert int(encoder_runs) == 9 == result.stats.full_evaluations
     assert np.abs(result.images - expected).max() <= 1e-3
     frames = counter.frame_count
     fast("a cat", num_inference_steps=50, generator=gen(), output_type="np", height=32, width=32)
@@ -120,7 +120,7 @@ def test_sdxl_off_equals_stock_and_parallel_equals_sequential():
     fast = fasterdiff.accelerate(xl, key_steps=3)
     seq, par = (fast("a cat", num_inference_steps=12, generator=gen(), output_type="np", parallel=p, **SIZE) for p in (False, True))
     assert np.abs(seq.images - par.images).max() <= 1e-4
-    assert par.stats.decoder_steps_per_call == [3, 3, 3, 3]
+    assert par.stats.steps_per_call == [3, 3, 3, 3]
 
 
 def test_the_scheduler_set_on_the_pipeline_is_used(pipe):
@@ -226,11 +226,11 @@ def test_custom_timesteps_and_sigmas(pipe):
         expected = stock("a cat", generator=gen(), output_type="np", **SIZE, **kw).images
         got = fast("a cat", generator=gen(), output_type="np", **SIZE, **kw)
         assert np.abs(got.images - expected).max() <= 1e-5
-        assert got.stats.num_steps == len(stock.scheduler.timesteps) == got.stats.decoder_calls
+        assert got.stats.num_steps == len(stock.scheduler.timesteps) == got.stats.unet_calls
     # a plan over custom timesteps is resolved against their count
     fast = fasterdiff.accelerate(stock, key_steps=[0, 2])
     stats = fast("a cat", timesteps=[999, 800, 500, 300, 100], output_type="latent", **SIZE).stats
-    assert stats.key_steps == (0, 2) and stats.decoder_steps_per_call == [2, 3]
+    assert stats.key_steps == (0, 2) and stats.steps_per_call == [2, 3]
 
 
 def test_positional_arguments_in_stocks_order(pipe):
@@ -304,7 +304,7 @@ def test_compile_option_pads_batches_so_few_graphs_are_compiled():
         got = fast("a cat", generator=gen(), key_steps=key_steps, **kw)
         expected = eager("a cat", generator=gen(), key_steps=key_steps, **kw)
         assert np.abs(got.images - expected.images).max() <= 1e-3
-        assert got.stats.decoder_steps_per_call == expected.stats.decoder_steps_per_call
+        assert got.stats.steps_per_call == expected.stats.steps_per_call
         frames.append(counter.frame_count)
     # groups of 1..14 steps run as batches of 1, 2, 4, 8 or 16: the graphs stop growing
     assert frames[-1] == frames[-2] == frames[-3]
@@ -375,5 +375,5 @@ def test_ip_adapter_image_embeds():
     par = fasterdiff.accelerate(p, key_steps=3, parallel=True)(
         "a cat", num_inference_steps=6, generator=gen(), output_type="np", ip_adapter_image_embeds=embeds, **SIZE
     )
-    assert max(par.stats.decoder_steps_per_call) > 1
+    assert max(par.stats.steps_per_call) > 1
     assert np.abs(par.images - seq).max() <= 1e-4

@@ -52,7 +52,7 @@ def test_forecast_keeps_parallel_equal_to_sequential(pipe, order):
     seq = fast("a cat", generator=gen(), parallel=False, **kw)
     par = fast("a cat", generator=gen(), **kw)
     assert np.abs(seq.images - par.images).max() <= 1e-4
-    assert sum(par.stats.decoder_steps_per_call) == 20 and par.stats.encoder_calls == len(par.stats.key_steps)
+    assert sum(par.stats.steps_per_call) == 20 and par.stats.full_evaluations == len(par.stats.key_steps)
     replay = fast("a cat", generator=gen(), forecast=0, **kw).images
     assert np.abs(replay - par.images).max() > 1e-4  # the forecast changed something
 

@@ -68,7 +68,7 @@ def test_download_weights_checks_every_file_the_pipeline_needs(tmp_path, monkeyp
     import huggingface_hub
 
     from fasterdiff import __main__ as cli
-    from fasterdiff.tiny import tiny_pipeline
+    from fasterdiff.tools.tiny import tiny_pipeline
 
     full = tmp_path / "full"
     tiny_pipeline().save_pretrained(full)
@@ -158,7 +158,7 @@ def test_wheel_holds_every_module_and_data_file_of_the_package(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     package = src / "fasterdiff"
     expected = {f"fasterdiff/{p.relative_to(package).as_posix()}" for p in package.rglob("*") if p.is_file()}
-    assert {"fasterdiff/bench/speed.py", "fasterdiff/standin/data.py", "fasterdiff/configs/sd15_unet.json"} <= expected
+    assert {"fasterdiff/tools/bench/speed.py", "fasterdiff/tools/standin/data.py", "fasterdiff/tools/configs/sd15_unet.json"} <= expected
     assert sorted(expected - shipped) == []
 
 

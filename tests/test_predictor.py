@@ -47,7 +47,7 @@ def test_prediction_returns_images_matching_the_inputs(server, inputs, n, fmt, s
         assert img.format == fmt and img.size == size
         assert header.startswith("data:image/")
     logs = body["logs"]
-    assert f"seed: {inputs['seed']}" in logs and "key steps:" in logs and "encoder calls saved:" in logs
+    assert f"seed: {inputs['seed']}" in logs and "key steps:" in logs and "evaluations reusing cached features:" in logs
     if inputs.get("compare_with_baseline"):
         assert "speedup:" in logs and "stock diffusers seconds:" in logs
 

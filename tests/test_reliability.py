@@ -49,10 +49,10 @@ def test_out_of_memory_in_a_decoder_batch_falls_back_to_smaller_chunks(pipe, oom
     assert np.abs(result.images - sequential).max() <= 1e-4
     # 4 steps per call (the CPU's auto size) ran out once; the rest of the run kept to 2
     assert result.stats.out_of_memory_retries == 1
-    assert max(result.stats.decoder_steps_per_call) <= 3
+    assert max(result.stats.steps_per_call) <= 3
     assert "ran out of memory" in caplog.text
     again = fast("a cat", parallel=True, generator=gen(), **kw)  # the next run of this shape starts at 2
-    assert again.stats.out_of_memory_retries == 0 and max(again.stats.decoder_steps_per_call) == 2
+    assert again.stats.out_of_memory_retries == 0 and max(again.stats.steps_per_call) == 2
 
 
 def test_out_of_memory_down_to_single_steps_still_gives_the_sequential_image(pipe, oom_above):
@@ -61,7 +61,7 @@ def test_out_of_memory_down_to_single_steps_still_gives_the_sequential_image(pip
     sequential = fast("a cat", parallel=False, generator=gen(), **kw).images
     oom_above(2)
     result = fast("a cat", generator=gen(), **kw)
-    assert result.stats.decoder_steps_per_call == [1] * 20
+    assert result.stats.steps_per_call == [1] * 20
     assert np.abs(result.images - sequential).max() <= 1e-4
 
 
@@ -98,7 +98,7 @@ def test_cached_features_are_released_after_each_run(pipe):
         result = fast("a cat", num_inference_steps=10, generator=gen(), **SIZE)
     finally:
         handle.remove()
-    assert result.stats.encoder_calls == 5 and fast._executor.run is None
+    assert result.stats.full_evaluations == 5 and fast._executor.run is None
     gc.collect()
     assert alive and all(ref() is None for ref in alive)
 
@@ -126,7 +126,7 @@ def test_compare_with_baseline_returns_true_stock_images(pipe, tmp_path):
     result = generator(req, tmp_path / "out")
     assert pipe.scheduler is scheduler  # the session-wide fixture is left as it was
     assert len(result.paths) == 2 and result.baseline_seconds > 0
-    stock = fasterdiff.tiny.tiny_pipeline()
+    stock = fasterdiff.tools.tiny.tiny_pipeline()
     stock.scheduler = make_scheduler("UniPC", pipe.scheduler.config)
     expected = stock("a cat", num_inference_steps=8, width=256, height=256, generator=gen(3)).images[0]
     from PIL import Image
@@ -138,7 +138,7 @@ def test_compare_with_baseline_returns_true_stock_images(pipe, tmp_path):
 def test_compare_with_baseline_leaves_the_held_pipelines_schedulers_alone(tmp_path):
     from diffusers import DDIMScheduler
 
-    own = fasterdiff.tiny.tiny_pipeline()
+    own = fasterdiff.tools.tiny.tiny_pipeline()
     generator = Generator(own)
     held = {key: p.scheduler for key, p in generator.stock.items()}
     config = dict(own.scheduler.config)
@@ -223,7 +223,7 @@ def test_prompt_beyond_77_tokens_is_truncated_with_a_warning(pipe, tmp_path):
 
 
 def test_half_precision_vae_overflow_is_decoded_again_in_float32():
-    half = fasterdiff.tiny.tiny_pipeline().to(torch.bfloat16)  # the CPU's half precision
+    half = fasterdiff.tools.tiny.tiny_pipeline().to(torch.bfloat16)  # the CPU's half precision
     # the decoder overflows in half precision only (as SD VAEs can in float16)
     half.vae.decoder.register_forward_hook(lambda _m, _a, out: out * float("nan") if out.dtype != torch.float32 else out)
     fast = fasterdiff.accelerate(half, key_steps="off", noise_injection=0)

@@ -129,7 +129,7 @@ class FlagEvery:
 def test_flagged_images_are_left_out_as_the_predictor_says(tmp_path):
     from transformers import CLIPImageProcessor
 
-    base = fasterdiff.tiny.tiny_pipeline()
+    base = fasterdiff.tools.tiny.tiny_pipeline()
     extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     req = dict(prompt="a cat", num_inference_steps=1, seed=1, num_outputs=3)
     for flags, kept in (([True, False, False], 2), ([True], 0)):
@@ -229,7 +229,7 @@ def test_warm_up_compiles_what_a_default_request_needs(pipe, tmp_path):
     assert frames > 0
     for checked in (False, True):
         result = generator(Request(prompt="a dog", seed=5, disable_safety_checker=checked), tmp_path)
-        assert result.stats.encoder_calls < result.stats.num_steps
+        assert result.stats.full_evaluations < result.stats.num_steps
     assert counter.frame_count == frames  # the first real requests compile nothing new
     # a baseline is stock as users run it, eager: the logs say so
     result = generator(Request(prompt="a dog", seed=5, compare_with_baseline=True), tmp_path)
@@ -253,7 +253,7 @@ def test_both_pipelines_share_what_max_batch_auto_measured(pipe, tmp_path, monke
     assert len(resets) == 1
     req = Request(prompt="a dog", seed=5, key_step_mode="uniform", uniform_interval=5, num_inference_steps=20)
     result = generator(req, tmp_path)  # the safety-checked pipeline
-    assert len(resets) == 1 and result.stats.decoder_steps_per_call == [4, 1] * 4
+    assert len(resets) == 1 and result.stats.steps_per_call == [4, 1] * 4
 
 
 def test_compile_setting_from_the_environment(monkeypatch):

@@ -12,8 +12,9 @@ from cog_server import ROOT, running
 from PIL import Image
 
 import fasterdiff
-from fasterdiff.standin import CLASSIFIER_FILE, HELDOUT_FILE, PIPELINE_DIR, STANDIN_DIR, data, score
-from fasterdiff.tiny import SD15_SCHEDULER_CONFIG
+from fasterdiff.tools import metrics
+from fasterdiff.tools.standin import CLASSIFIER_FILE, HELDOUT_FILE, PIPELINE_DIR, STANDIN_DIR, data, score
+from fasterdiff.tools.tiny import SD15_SCHEDULER_CONFIG
 
 # One prompt per digit, every colour and thickness among them.
 PROMPTS = [data.Attributes(d, d % len(data.COLORS), (d // 2) % 3) for d in range(10)]
@@ -102,11 +103,11 @@ def test_fidelity_metrics_are_oracles():
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * trace_sqrt
     assert score.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    assert np.all(score.psnr(x, x) == 100.0) and np.allclose(score.ssim(x, x), 1.0, atol=1e-5)
+    assert np.all(metrics.psnr(x, x, data_range=2) == 100.0) and np.allclose(score.ssim(x, x), 1.0, atol=1e-5)
     y = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
-    assert np.all(score.psnr(y, x) < 30) and np.all(score.ssim(y, x) < 0.95)
+    assert np.all(metrics.psnr(y, x, data_range=2) < 30) and np.all(score.ssim(y, x) < 0.95)
     mse = ((y - x) / 2).pow(2).flatten(1).mean(1).numpy()
-    assert np.allclose(score.psnr(y, x), 10 * np.log10(1 / mse))
+    assert np.allclose(metrics.psnr(y, x, data_range=2), 10 * np.log10(1 / mse))
 
 
 def test_prompts_and_attributes_round_trip():
@@ -192,7 +193,7 @@ def test_readme_command_for_the_standin_draws_a_red_seven_at_its_native_size(cla
 
 def test_sizes_below_half_the_native_size_are_refused(tmp_path):
     from fasterdiff.service import Generator, Request
-    from fasterdiff.tiny import tiny_pipeline
+    from fasterdiff.tools.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     pipe.unet.register_to_config(sample_size=64)  # native 512, like SD 1.5
@@ -204,7 +205,7 @@ def test_sizes_below_half_the_native_size_are_refused(tmp_path):
 
 def test_training_script_smoke_run(tmp_path):
     """The script that made standin/ runs end to end (a few steps) and writes a loadable pipeline."""
-    from fasterdiff.standin import train
+    from fasterdiff.tools.standin import train
 
     with torch.random.fork_rng():  # the script seeds torch's global generator
         assert train.main(["--out", str(tmp_path), "--scale", "0.002", "--limit", "200"]) == 0

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..standin import data
+from .. import plots
 from . import report
 
 MARKERS = {
@@ -81,7 +82,7 @@ def _flops_x(rows: list[dict]):
 
 
 def _gpu_x(rows: list[dict]):
-    """Speedup in modelled GPU time, one image (fasterdiff.cost: calls and batched steps
+    """Speedup in modelled GPU time, one image (fasterdiff.tools.cost: calls and batched steps
     timed on an H200); None where a method has no model (ToMe)."""
     stock = rows[0].get("gpu_seconds_modelled")
     return lambda row: stock / row["gpu_seconds_modelled"] if stock and row.get("gpu_seconds_modelled") else None
@@ -89,7 +90,7 @@ def _gpu_x(rows: list[dict]):
 
 AXES = (
     (_flops_x, "speedup vs stock in UNet FLOPs (1 / FLOPs ratio)"),
-    (_gpu_x, "modelled GPU speedup vs stock, one image (fasterdiff/cost.py, H200 timings)"),
+    (_gpu_x, "modelled GPU speedup vs stock, one image (fasterdiff/tools/cost.py, H200 timings)"),
 )
 
 
@@ -99,10 +100,9 @@ def _pooled(r: dict) -> str:
 
 
 def frontier_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot(path)
+    if plt is None:
+        return
 
     rows = result["rows"]
     fig, grid_axes = plt.subplots(2, 3, figsize=(16, 9.5))
@@ -156,10 +156,9 @@ def grid_rows(result: dict) -> list[str]:
 
 def grid(result: dict, path: Path, columns: int = 10) -> None:
     """One row per method, one column per prompt (digits 0-9, first seed), 4x upscaled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot(path)
+    if plt is None:
+        return
 
     wanted = result["_wanted"]
     picks, seen = [], set()

@@ -3,7 +3,7 @@ the frontier, and let ``key_steps="auto"`` pick from it.
 
 Every candidate samples the same calibration prompts from the same noise as stock; its
 fidelity is the PSNR of its images against stock's, its cost the UNet FLOPs (counted on
-this model) and the GPU time of :mod:`fasterdiff.cost`'s model. Plans run with the noise
+this model) and the GPU time of :mod:`fasterdiff.tools.cost`'s model. Plans run with the noise
 injection they will run with by default (``Setting.noise_injection``), against stock
 without it: the recorded PSNR is that of what ``auto`` runs.
 
@@ -37,46 +37,36 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import defaults
+from ..choice import AUTO_MIN_PSNR, DEEPCACHE, LEVELS
+from ..pipeline import accelerate
+from ..plan import ReusePlan, deep_plan, deep_plan_from_keys, encoder_plan
+from ..plan_file import PLANS_FILE_NAME, entry_key, read_plans, write_entry  # noqa: F401  (the tool's API)
+from ..samplers import make_scheduler
 from . import cost
-from .plan import ReusePlan, deep_plan, deep_plan_from_keys, encoder_plan
-from .samplers import make_scheduler, sampler_name
+from .metrics import pooled_psnr, psnr
 
 log = logging.getLogger("fasterdiff")
 
-PLANS_FILE_NAME = "fasterdiff_plans.json"
-PLANS_FORMAT_VERSION = 2
-# auto's floor: pooled PSNR against stock's images over the calibration pairs (an RMS
-# error under 1.8% of the range), whatever DeepCache reaches on the model
-AUTO_MIN_PSNR = 35.0
-AUTO_FALLBACK = "paper"  # key_steps for a sampler/step count that was not calibrated
 KEY_COUNTS = (5, 7, 10, 13, 17)
 SPACINGS = {"uniform": 1.0, "early": 1.6}  # exponent of the key-step spacing
 # (order, damping) tried per plan; quadratic forecasts (order 2) never reached a frontier on
 # the stand-in (both samplers), so the grid leaves them out
 FORECASTS = {"encoder": ((0, 1.0), (1, 1.0), (1, 0.5)), "deep": ((0, 1.0), (1, 1.0), (1, 0.5))}
 REFINE_ROUNDS = 3  # greedy key-step removals tried after the grid, per level
-CALIBRATION_PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
 # a plan meets a level when it reaches the level's bar in this share of bootstrap resamples
 # of the calibration pairs: being ahead of the reference by less than the pairs' noise is not
 # enough (the plan chosen would fall behind it on other pairs)
 LEVEL_CONFIDENCE = 0.8
 BOOTSTRAP_RESAMPLES = 2000
-DEEPCACHE = {3: "DeepCache interval 3 (deep, every 3rd step)", 5: "DeepCache interval 5 (deep, every 5th step)"}
-DEEPCACHE_3 = DEEPCACHE[3]
-# level -> (the reference plan it must match, whether AUTO_MIN_PSNR applies too)
-LEVELS = {"auto": (DEEPCACHE[3], True), "deepcache-3": (DEEPCACHE[3], False), "deepcache-5": (DEEPCACHE[5], False)}
-# the key_steps values that run a calibrated level: the default, and a faster one
-AUTO_KEY_STEPS = {"auto": "auto", "auto-fast": "deepcache-5"}
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -139,7 +129,7 @@ class Setting:
     noise_injection: float | None = None  # what the plans run with (None: the library's default)
 
 
-def _sample(fast, setting: Setting, **kw) -> torch.Tensor:
+def sample_pairs(fast, setting: Setting, **kw) -> torch.Tensor:
     """Images in [0, 1] of every calibration pair, in order."""
     images = []
     pairs = list(zip(setting.prompts, setting.seeds))
@@ -158,18 +148,6 @@ def _sample(fast, setting: Setting, **kw) -> torch.Tensor:
         )
         images.append(out.images.float().cpu())
     return torch.cat(images)
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-    """Per image, in dB (images in [0, 1])."""
-    mse = ((images - reference) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return (10 * torch.log10(1.0 / mse)).numpy()
-
-
-def pooled_psnr(values: np.ndarray) -> float:
-    """The PSNR of the mean squared error over all images, from their PSNRs: the worst
-    images weigh most (one image at 15 dB among 40 dB ones costs several dB)."""
-    return float(-10 * np.log10(np.mean(10 ** (-np.asarray(values, dtype=np.float64) / 10))))
 
 
 def frontier(rows: list[dict], speed_key: str = "gpu_seconds_1_image") -> list[dict]:
@@ -217,13 +195,11 @@ class _Levels:
 
 def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) -> dict:
     """Measure every candidate plan against stock; the plan-file entry for ``setting``."""
-    from .pipeline import Settings, accelerate
-
     if setting.noise_injection is None:
-        setting = dataclasses.replace(setting, noise_injection=Settings().noise_injection)
+        setting = dataclasses.replace(setting, noise_injection=defaults.NOISE_INJECTION)
     stock = accelerate(pipe, key_steps="off", noise_injection=0)
     stock.set_progress_bar_config(disable=True)
-    reference = _sample(stock, setting)
+    reference = sample_pairs(stock, setting)
     num_steps = len(_scheduler_timesteps(pipe, setting))
     plans = candidates(pipe.unet, num_steps)
     flops = _flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
@@ -253,7 +229,7 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
 
     def measure(plan: ReusePlan, pairs: list[int] | None = None) -> np.ndarray:
         on = setting if pairs is None else _subset(setting, pairs)
-        images = _sample(stock, on, key_steps=plan, parallel=plan.batchable, noise_injection=setting.noise_injection)
+        images = sample_pairs(stock, on, key_steps=plan, parallel=plan.batchable, noise_injection=setting.noise_injection)
         return psnr(images, reference if pairs is None else reference[pairs])
 
     measured = []
@@ -366,178 +342,11 @@ def _flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[froze
     return {k: cost.step_flops(unet, k, sample, 500, text) for k in kinds}
 
 
-CALIBRATION_SEED = 1000  # calibration pairs use seeds from here on: benchmarks score seeds 0, 1, 2, ...
-
-
-def standin_pairs(count: int = 24, first_seed: int = CALIBRATION_SEED) -> tuple[list[str], list[int]]:
-    """The stand-in's calibration pairs: ``count`` distinct prompts (up to 90) that cycle
-    through the colours, each colour through the thicknesses, and the digits, each
-    with its own seed from ``first_seed`` (by default :data:`CALIBRATION_SEED`, disjoint
-    from the fidelity benchmark's seeds)."""
-    from .standin import data
-
-    if not 1 <= count <= 90:
-        raise ValueError(f"the stand-in has 90 balanced calibration prompts, asked for {count}")
-    colours = len(data.COLORS)
-    combos = [data.Attributes(i % 10, i % colours, (i + i // colours) % 3) for i in range(count)]
-    return [c.prompt for c in combos], [first_seed + i for i in range(count)]
+CALIBRATION_SEED = 1000  # calibration pairs use seeds from here on: benchmarks score seeds 0, 1, 2, ...  (as the stand-in's)
 
 
 def sd_pairs(count: int = 32) -> tuple[list[str], list[int]]:
     """SD 1.5's calibration pairs: the prompts of calibration_prompts.txt, one seed each."""
-    prompts = [p for p in CALIBRATION_PROMPTS.read_text().splitlines() if p.strip()][:count]
+    text = resources.files(__package__).joinpath("calibration_prompts.txt").read_text()
+    prompts = [p for p in text.splitlines() if p.strip()][:count]
     return prompts, [CALIBRATION_SEED + i for i in range(len(prompts))]
-
-
-# -- the plan file and auto -------------------------------------------------------------
-
-
-def entry_key(sampler: str, steps: int) -> str:
-    return f"{sampler}-{steps}"
-
-
-def write_entry(path: str | os.PathLike, entry: dict) -> None:
-    """Add (or replace) ``entry`` in the plan file at ``path``."""
-    path = Path(path)
-    data = read_plans(path) if path.is_file() else {"version": PLANS_FORMAT_VERSION, "entries": {}}
-    data["entries"][entry_key(entry["sampler"], entry["steps"])] = entry
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def read_plans(path: str | os.PathLike) -> dict:
-    data = json.loads(Path(path).read_text())
-    if data.get("version") != PLANS_FORMAT_VERSION or not isinstance(data.get("entries"), dict):
-        raise ValueError(
-            f"{path}: not a fasterdiff plan file of version {PLANS_FORMAT_VERSION} (files of an older version: "
-            f"calibrate again, python -m fasterdiff calibrate)"
-        )
-    return data
-
-
-def default_plans_file(pipe) -> Path | None:
-    """``fasterdiff_plans.json`` beside the weights ``pipe`` was loaded from, if any."""
-    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    if not source or not Path(source).is_dir():
-        return None
-    return Path(source) / PLANS_FILE_NAME
-
-
-@dataclass
-class AutoChoice:
-    key_steps: object  # a ReusePlan, or the fallback's key_steps
-    reuse: str
-    reason: str
-    name: str = ""  # the calibrated plan's name in the plan file
-
-    @property
-    def beyond_deepcache(self) -> bool:
-        """Whether this runs a calibrated plan other than DeepCache's own (interval 3 or 5)."""
-        return isinstance(self.key_steps, ReusePlan) and self.name not in DEEPCACHE.values()
-
-
-def choose(
-    plans_file: str | os.PathLike | None, scheduler, num_inference_steps: int, unet, level: str = "auto"
-) -> AutoChoice:
-    """The plan ``level`` (``auto`` by default, see the module doc) runs for this scheduler
-    and step count, and why."""
-    if level not in LEVELS:
-        raise ValueError(f"no calibration level {level!r}; the levels are {', '.join(LEVELS)}")
-    name = sampler_name(scheduler)
-    fallback = AutoChoice(AUTO_FALLBACK, "encoder", "")
-    if plans_file is None or not Path(plans_file).is_file():
-        fallback.reason = f"auto: no plan file{f' at {plans_file}' if plans_file else ''}; running the paper's key steps"
-        return fallback
-    entry = read_plans(plans_file)["entries"].get(entry_key(name, num_inference_steps)) if name else None
-    if entry is None:
-        fallback.reason = (
-            f"auto: {plans_file} has no calibration for {name or type(scheduler).__name__} with "
-            f"{num_inference_steps} steps; running the paper's key steps"
-        )
-        return fallback
-    bar = entry["levels"].get(level)
-    if bar is None:  # its reference was not measured (too few steps for DeepCache's interval)
-        fallback.reason = (
-            f"{level}: {plans_file} has no {level} level for {entry_key(name, num_inference_steps)}; "
-            f"running the paper's key steps"
-        )
-        return fallback
-    if bar["plan"] is None:
-        return AutoChoice("off", "encoder", f"{level}: no calibrated plan reaches {bar['psnr_pooled']:.1f} dB; running stock")
-    best = next(r for r in entry["plans"] if r["name"] == bar["plan"])
-    plan = ReusePlan.from_json(best["plan"])
-    plan.check_modules(unet)
-    speedup = entry["stock"]["gpu_seconds_1_image"] / best["gpu_seconds_1_image"]
-    floor = f" and {bar['floor']:g} dB" if bar["floor"] is not None else ""
-    return AutoChoice(
-        plan,
-        best["reuse"],
-        f"{level}: '{best['name']}' from {plans_file}: pooled PSNR {best['psnr_pooled']:.1f} dB against stock in "
-        f"calibration (at least {bar['reference']}'s{floor}: {bar['psnr_pooled']:.1f} dB; noise injection "
-        f"{entry['calibrated_on']['noise_injection']}), modelled GPU speedup {speedup:.2f}x",
-        best["name"],
-    )
-
-
-def markdown(entry: dict) -> str:
-    """The entry's levels, then its frontier, the references and the chosen plans as a table, fastest first."""
-    stock = entry["stock"]["gpu_seconds_1_image"]
-    on = entry["calibrated_on"]
-    lines = [
-        f"Calibration, {entry['sampler']}-{entry['steps']}: {on['pairs']} prompt x seed pairs, guidance "
-        f"{on['guidance_scale']}, {on['width']}x{on['height']}, plans with noise injection {on['noise_injection']}; "
-        f"{len(entry['plans'])} plans measured. Fidelity: PSNR against stock's images, pooled (that of the mean "
-        f"squared error over the pairs), with the mean and the worst image's. 'refined': found by the greedy "
-        f"key-step search, judged on the held-out two thirds of the pairs.",
-        "",
-        "| level | must reach (pooled dB) | runs |",
-        "|---|---|---|",
-    ]
-    for level, bar in entry["levels"].items():
-        floor = f" and {bar['floor']:g}" if bar["floor"] is not None else ""
-        lines.append(f"| {level} | {bar['reference']}'s{floor}: {bar['psnr_pooled']:.1f} | {bar['plan'] or 'stock'} |")
-    lines += [
-        "",
-        "| plan | key steps | PSNR vs stock: pooled, mean (min) dB | UNet FLOPs | UNet calls | modelled GPU speedup, 1 / 4 images |",
-        "|---|---|---|---|---|---|",
-    ]
-    chosen = {bar["plan"] for bar in entry["levels"].values()}
-    for r in entry["plans"]:
-        if r["frontier"] or r["name"] in DEEPCACHE.values() or r["name"] in chosen:
-            lines.append(
-                f"| {r['name']} | {len(r['key_steps'])} | {r['psnr_pooled']:.1f}, {r['psnr_mean']:.1f} ({r['psnr_min']:.1f}) "
-                f"| {r['unet_flops']:.2f} | {r['unet_calls']} | {stock / r['gpu_seconds_1_image']:.2f}x / "
-                f"{entry['stock']['gpu_seconds_4_images'] / r['gpu_seconds_4_images']:.2f}x |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(entry: dict, path: str | os.PathLike) -> None:
-    """Every measured plan: modelled GPU speedup against pooled PSNR, the frontier joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stock = entry["stock"]["gpu_seconds_1_image"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for reuse, marker in (("encoder", "o"), ("deep", "s")):
-        for order, colour in ((0, "tab:blue"), (1, "tab:orange"), (2, "tab:green")):
-            rows = [r for r in entry["plans"] if r["reuse"] == reuse and r["forecast"] == order]
-            if rows:
-                ax.scatter([stock / r["gpu_seconds_1_image"] for r in rows], [r["psnr_pooled"] for r in rows],
-                           marker=marker, color=colour, alpha=0.7, label=f"{reuse}, forecast {order}")
-    front = sorted((r for r in entry["plans"] if r["frontier"]), key=lambda r: r["gpu_seconds_1_image"])
-    ax.plot([stock / r["gpu_seconds_1_image"] for r in front], [r["psnr_pooled"] for r in front], "k-", lw=1, label="frontier")
-    for r in entry["plans"]:
-        if r["name"] in DEEPCACHE.values():
-            ax.annotate(r["name"].split(" (")[0], (stock / r["gpu_seconds_1_image"], r["psnr_pooled"]), fontsize=7)
-    auto = entry["levels"].get("auto")
-    if auto:
-        ax.axhline(auto["psnr_pooled"], color="grey", ls="--", lw=1, label="auto's bar")
-    ax.set_xlabel("modelled GPU speedup vs stock, one image (calls-and-time model, fasterdiff/cost.py)")
-    ax.set_ylabel("pooled PSNR vs stock's images, dB")
-    ax.set_title(f"calibration, {entry['sampler']}-{entry['steps']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -72,12 +72,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
 
 
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-    """Per-image PSNR in dB on [0, 1] pixels (capped at 100 dB for identical images)."""
-    mse = ((images.float() - reference.float()) / 2).pow(2).flatten(1).mean(1).numpy()
-    return np.minimum(100.0, 10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
-
-
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     """Per-image SSIM on [0, 1] pixels: 11x11 Gaussian window (sigma 1.5), channels averaged."""
     x, y = (images.float() + 1) / 2, (reference.float() + 1) / 2

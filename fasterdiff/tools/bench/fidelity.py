@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 
 import fasterdiff
 
-from .. import calibrate, cost, schedule
-from ..plan import ReusePlan
-from ..samplers import DETERMINISTIC_SAMPLERS, make_scheduler
+from ... import choice, schedule
+from ...plan import ReusePlan
+from ...samplers import DETERMINISTIC_SAMPLERS, make_scheduler
+from .. import calibrate, cost, metrics
 from ..standin import STANDIN_DIR, data, require, score
 from .harness import Method, count_passes, deepcache, installed, tome
 
@@ -118,7 +119,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
     scheduler = make_scheduler(cfg.sampler, base_config)
 
     def modelled(**settings) -> float:
-        """Modelled GPU seconds of one image (fasterdiff.cost) with these settings."""
+        """Modelled GPU seconds of one image (fasterdiff.tools.cost) with these settings."""
         s, _ = dataclasses.replace(fast.settings, **settings).without_auto(scheduler, n, pipe.unet)
         plan = s.plan(pipe.unet, n)
         return cost.gpu_seconds(plan, plan.batchable if s.parallel is None else s.parallel, deep=s.reuse == "deep")
@@ -173,14 +174,14 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
 def _calibrated_levels(pipe, fast, scheduler, n: int, acc) -> list[Method]:
     """Rows for the plan file's other levels (the plans matching DeepCache at intervals 3
     and 5), where they run a plan other than auto's and DeepCache's own (which has its row)."""
-    auto = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet)
+    auto = choice.choose(fast.settings.plans, scheduler, n, pipe.unet)
     if not isinstance(auto.key_steps, ReusePlan):
         return []  # no calibration for this sampler and step count
     out = []
     for level in ("deepcache-3", "deepcache-5"):
-        choice = calibrate.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
-        if choice.beyond_deepcache and choice.name != auto.name:
-            out.append(acc(f"fasterdiff calibrated plan, {level} level", key_steps=choice.key_steps, reuse=choice.reuse))
+        picked = choice.choose(fast.settings.plans, scheduler, n, pipe.unet, level=level)
+        if picked.beyond_deepcache and picked.name != auto.name:
+            out.append(acc(f"fasterdiff calibrated plan, {level} level", key_steps=picked.key_steps, reuse=picked.reuse))
     return out
 
 
@@ -292,7 +293,7 @@ def _scores(s: score.Scores, wanted, real_features, chunk: int, images=None, sto
         "frechet_distance_per_seed": per_chunk,
     }
     if images is not None:
-        p = score.psnr(images, stock_images)
+        p = metrics.psnr(images, stock_images, data_range=2)
         row["psnr_vs_stock"] = float(np.mean(p))
         row["psnr_vs_stock_pooled"] = calibrate.pooled_psnr(p)
         row["psnr_vs_stock_ci95"] = score.bootstrap(p, np.mean)

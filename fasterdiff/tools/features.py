@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .samplers import DETERMINISTIC_SAMPLERS, make_scheduler
+from ..samplers import DETERMINISTIC_SAMPLERS, make_scheduler
+from . import plots
 
 
 def feature_names(unet) -> list[str]:
@@ -180,10 +181,9 @@ def markdown_table(result: dict, every: int = 5) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot(path)
+    if plt is None:
+        return
 
     names = result["features"]
     rel = np.array(result["relative"])

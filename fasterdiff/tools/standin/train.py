@@ -1,6 +1,6 @@
 """Train the stand-in from scratch: classifier, VAE, then UNet + text encoder.
 
-    python -m fasterdiff.standin.train            # about 50 minutes on 2 CPU cores
+    python -m fasterdiff.tools.standin.train            # about 50 minutes on 2 CPU cores
 
 Writes ``standin/pipeline`` (an SD-format folder), ``standin/classifier.safetensors``,
 ``standin/heldout.npz`` (the held-out digits, the real reference) and
@@ -173,7 +173,7 @@ def train_unet(cfg, tok, vae, digits, labels, thick, g, log):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fasterdiff.standin.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fasterdiff.tools.standin.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=STANDIN_DIR, help="output folder (default: standin/)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
     parser.add_argument(

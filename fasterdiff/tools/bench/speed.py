@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 import fasterdiff
 
-from ..samplers import make_scheduler
+from ...samplers import make_scheduler
+from ...weights import WEIGHTS_ENV, has_weights, load_pipeline
+from .. import plots
 from ..tiny import sd15_unet, tiny_pipeline
-from ..weights import WEIGHTS_ENV, has_weights, load_pipeline
 from . import report
 from .harness import Method, count_passes, deepcache, installed, tome
 from .memory import PeakMemory
@@ -218,10 +219,9 @@ def markdown_page(result: dict) -> str:
 
 
 def bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot(path)
+    if plt is None:
+        return
 
     rows = result["rows"]
     names = [r["method"] for r in rows]

@@ -120,3 +120,17 @@ def benchmark_prompts(seeds_per_prompt: int = 3) -> list[tuple[Attributes, int]]
     """Every (digit, colour, thickness) combination, each with seeds 0..n-1."""
     combos = itertools.product(range(10), range(len(COLORS)), range(len(THICKNESS)))
     return [(Attributes(*c), seed) for c in combos for seed in range(seeds_per_prompt)]
+
+
+CALIBRATION_SEED = 1000  # calibration pairs use seeds from here on: benchmarks score seeds 0, 1, 2, ...
+
+
+def calibration_pairs(count: int = 24, first_seed: int = CALIBRATION_SEED) -> tuple[list[str], list[int]]:
+    """The stand-in's calibration pairs: ``count`` distinct prompts (up to 90) that cycle
+    through the colours, each colour through the thicknesses, and the digits, each
+    with its own seed from ``first_seed`` (by default :data:`CALIBRATION_SEED`, disjoint
+    from the fidelity benchmark's seeds)."""
+    if not 1 <= count <= 90:
+        raise ValueError(f"the stand-in has 90 balanced calibration prompts, asked for {count}")
+    combos = [Attributes(i % 10, i % len(COLORS), (i + i // len(COLORS)) % 3) for i in range(count)]
+    return [c.prompt for c in combos], [first_seed + i for i in range(count)]

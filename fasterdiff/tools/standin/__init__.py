@@ -9,14 +9,24 @@ such as "a bold red seven". A classifier trained on held-out real digits scores
 what it draws. See ``standin/README.md`` for data, configs and training time.
 """
 
+import os
 from pathlib import Path
 
-STANDIN_DIR = Path(__file__).resolve().parent.parent.parent / "standin"
+STANDIN_ENV = "FASTERDIFF_STANDIN"
+# The stand-in's folder: $FASTERDIFF_STANDIN, else standin/ in the working directory (the
+# checkout's); commands that use it also take its path as an argument.
+STANDIN_DIR = Path(os.environ.get(STANDIN_ENV) or "standin").resolve()
 PIPELINE_DIR = STANDIN_DIR / "pipeline"
 CLASSIFIER_FILE = STANDIN_DIR / "classifier.safetensors"
 HELDOUT_FILE = STANDIN_DIR / "heldout.npz"
 
-TRAIN_COMMAND = "python -m fasterdiff.standin.train"
+TRAIN_COMMAND = "python -m fasterdiff.tools.standin.train"
+
+
+def is_standin(folder: str | Path) -> bool:
+    """Whether ``folder`` is a stand-in's pipeline/ (its classifier and training record beside it)."""
+    parent = Path(folder).resolve().parent
+    return (parent / "training.json").is_file() and (parent / "classifier.safetensors").is_file()
 
 
 def require(folder: str | Path = STANDIN_DIR) -> Path:

@@ -9,7 +9,7 @@ and up blocks) at a size that runs in milliseconds on a CPU. Tests and the
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from importlib import resources
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -57,7 +57,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return clip_tokenizer([("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")])
 
 
-SD15_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15_unet.json"
+SD15_UNET_CONFIG = resources.files(__package__).joinpath("configs", "sd15_unet.json")
 
 
 def sd15_unet(seed: int = 0) -> UNet2DConditionModel:

@@ -1,4 +1,5 @@
-"""Cog predictor: Stable Diffusion 1.5 sampled with FasterDiffusion.
+"""Cog predictor: Stable Diffusion 1.5 sampled with FasterDiffusion: text-to-image, img2img
+(an image) and inpainting (an image and a mask).
 
 A thin shell: typed inputs -> fasterdiff.service.Generator, which validates them again
 and does the work. Weights come from weights/ ($FASTERDIFF_WEIGHTS overrides); see
@@ -44,6 +45,20 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What to draw."),
         negative_prompt: str = Input(description="What to keep out of the image.", default=""),
+        image: Optional[Path] = Input(
+            description="Initial image for img2img (with mask: inpainting). The output takes its size, fitted within 1024 pixels and cut to multiples of 8; width and height are then not used. Transparent pixels count as white.",
+            default=None,
+        ),
+        mask: Optional[Path] = Input(
+            description="Inpainting mask, with image: white = repaint, black = keep; resized to the image's size where it differs.",
+            default=None,
+        ),
+        prompt_strength: float = Input(
+            description="With image: how far from it to go (1.0 = repaint entirely, lower keeps more of it); int(num_inference_steps x prompt_strength) steps run.",
+            default=0.8,
+            ge=0.0,
+            le=1.0,
+        ),
         width: int = Input(description="Width in pixels, a multiple of 8; at least 256 (half SD 1.5's native 512).", default=512, ge=256, le=1024),
         height: int = Input(description="Height in pixels, a multiple of 8; at least 256 (half SD 1.5's native 512).", default=512, ge=256, le=1024),
         num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
@@ -117,6 +132,9 @@ class Predictor(BaseRunner):
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
             compare_with_baseline=compare_with_baseline,
+            image=image,
+            mask=mask,
+            prompt_strength=prompt_strength,
         )
         shutil.rmtree(self.out_dir, ignore_errors=True)
         result = self.generator(request, self.out_dir)

@@ -59,6 +59,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=_bounded("seed"), default=None, help="random if absent; always printed")
     p.add_argument("--output-quality", type=_bounded("output_quality"), default=d.output_quality, help="webp/jpg quality 1-100 (default: 80)")
     p.add_argument("--disable-safety-checker", action="store_true", help="skip the safety checker (otherwise images it flags are left out)")
+    p.add_argument("--image", default=None, help="init image: img2img (with --mask: inpainting); the output takes its size (fitted within 1024, multiples of 8)")
+    p.add_argument("--mask", default=None, help="inpainting mask for --image: white = repaint, black = keep")
+    p.add_argument("--prompt-strength", type=_bounded("prompt_strength", float), default=d.prompt_strength, help="with --image: how far from it, 0-1 (default: 0.8)")
     p.add_argument("--compare-with-baseline", action="store_true", help="also run stock SD 1.5 with the same seed and print the speedup; its images are written as NAME-stock-<i>")
 
 

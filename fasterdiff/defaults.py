@@ -45,6 +45,7 @@ BOUNDS = {
     # the paper's 0.003 and up to ~7x it: on the stand-in (paper key steps, DDIM-50) prompt accuracy
     # is 0.600 at 0.003, 0.494 at 0.02, 0.194 at 0.05, 0.050 at 0.1 (docs/noise-injection.md)
     "noise_injection_strength": (0.0, 0.02),
+    "prompt_strength": (0.0, 1.0),
     "guidance_scale": (1.0, 20.0),
     "seed": (0, MAX_SEED),
     "output_quality": (1, 100),

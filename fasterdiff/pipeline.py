@@ -5,13 +5,22 @@ as a step-end callback.
 The accelerated pipeline takes every argument the stock pipeline takes, in the same
 order, plus the settings of :class:`Settings` as keywords (each overrides the
 pipeline's setting for one call) and ``sampler=`` to sample with another scheduler
-for one call. Stable Diffusion 1.5-family and SDXL pipelines are supported.
+for one call. The Stable Diffusion 1.5-family and SDXL pipelines of :data:`SUPPORTED`
+are supported: text-to-image, img2img, inpainting and ControlNet, each through its own
+stock ``__call__``.
+
+Steps are the UNet evaluations that actually run: img2img and inpainting with
+``strength`` s start part-way down the schedule and evaluate about s x N steps; key
+steps, groups, noise injection and the stats index those (step 0 is the first that runs).
+``key_steps="auto"`` reads the plan calibrated for the sampler and ``num_inference_steps``
+and runs its last steps, the ones whose timesteps run (:meth:`ReusePlan.last`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import nullcontext
 import inspect
 import logging
 import math
@@ -25,7 +34,14 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -35,6 +51,7 @@ from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOut
 
 from . import defaults, schedule
 from .choice import AUTO_KEY_STEPS, choose, is_auto
+from .controlnet import ControlNetReplay
 from .plan_file import check_plans_file, default_plans_file
 from .plan import FORECAST_ORDERS, REUSE_KINDS, ReusePlan, build_plan
 from .reuse import AUTO_CHUNK_SIZES, ReuseExecutor, Run, RunStats, UNetView
@@ -53,13 +70,14 @@ class Settings:
       key_steps: "auto" (the fastest plan calibrated on this model whose images are at
         least as close to stock's as DeepCache interval 3's and within the floor; see
         :mod:`fasterdiff.tools.calibrate`), "auto-fast" (the same at DeepCache interval 5's
-        level); for
-        ``reuse="encoder"``: "paper" (the paper's non-uniform schedule),
-        "off" (plain sampling), an int k >= 2 (every k-th step) or a sequence of 0-based
-        steps starting with 0; for ``reuse="deep"``: an int k >= 1 (DeepCache's
-        cache_interval). A :class:`fasterdiff.plan.ReusePlan` is used as it is.
+        level), "paper" (the paper's non-uniform schedule), "off" (plain sampling), an
+        int k >= 2 (every k-th step) or a sequence of 0-based steps starting with 0: the
+        steps where the encoder computes. A :class:`fasterdiff.plan.ReusePlan` is used
+        as it is.
+      cache_interval: DeepCache instead (``reuse="deep"``): the whole UNet every k-th
+        step, everything below ``branch`` replayed at the others; leave key_steps out.
       reuse: "encoder" (FasterDiffusion: conv_in, down and mid blocks replay at non-key
-        steps) or "deep" (DeepCache: everything below ``branch`` replays).
+        steps) or "deep" (DeepCache, set by ``cache_interval``).
       parallel: run a key step and its non-key steps as one batched UNet call (faster,
         more memory). None = whenever the plan allows it (encoder reuse, not deep).
       noise_injection: alpha of the prior noise injection z <- z + alpha * z_T
@@ -72,13 +90,13 @@ class Settings:
         UNet work and keeps parallel decoding; whether it helps depends on the model.
     To tinker with:
       branch: DeepCache's cache_branch_id (0 = the shallowest path, fastest).
-      max_batch: "auto" (default): steps per batched call chosen from 1, 2, 4, 8, 16 so
-        that the peak memory stays within 1.5x stock's and within free CUDA memory
-        (measured once per latent shape on a CUDA device, on the first call of the first
-        run; lowered when a batch of that size runs out of memory); latents on the CPU:
-        4 steps per call. An int:
-        at most this many images per batched call (a call holds at least one step).
-        None: a whole group per call (fastest, most memory).
+      max_batch: how many images one batched UNet call may hold (a group's steps times
+        the images of a step; a call holds at least one step). "auto" (default): chosen
+        by memory, in whole steps of 1, 2, 4, 8 or 16, so that the peak stays within 1.5x
+        stock's and within free CUDA memory (measured once per latent shape on a CUDA
+        device, on the first call of the first run; lowered when a batch of that size runs
+        out of memory); latents on the CPU: 4 steps' images. None: a whole group per call
+        (fastest, most memory).
       noise_injection_start: inject before steps whose timestep is below this
         (paper: 500 of 1000, i.e. the second half).
       plans: the plan file "auto" reads (default: fasterdiff_plans.json beside the
@@ -94,8 +112,10 @@ class Settings:
     branch: int = defaults.BRANCH
     forecast: int = defaults.FORECAST
     plans: str | None = None  # the plan file "auto" reads
+    cache_interval: int | None = None
 
     def __post_init__(self):
+        self._spell_deep()
         auto = is_auto(self.key_steps)
         if auto and (self.reuse != "encoder" or self.forecast):
             raise ValueError(
@@ -107,9 +127,10 @@ class Settings:
         if self.reuse not in REUSE_KINDS:
             raise ValueError(f"reuse must be one of {', '.join(REUSE_KINDS)}, got {self.reuse!r}")
         if self.reuse == "deep":
-            if isinstance(self.key_steps, bool) or not isinstance(self.key_steps, (int, ReusePlan)):
+            if self.cache_interval is None and not isinstance(self.key_steps, ReusePlan):
                 raise ValueError(
-                    f"key_steps must be an int (DeepCache's cache_interval) with reuse='deep', got {self.key_steps!r}"
+                    f"reuse='deep' needs cache_interval=k (DeepCache's interval) or a ReusePlan as key_steps, "
+                    f"got key_steps={self.key_steps!r}"
                 )
             if self.parallel:
                 raise ValueError("parallel=True is not possible with reuse='deep': its steps read their own latents")
@@ -130,17 +151,49 @@ class Settings:
                 f"noise_injection_start must be a timestep in [0, 1000], got {self.noise_injection_start!r}"
             )
 
-    def plan(self, unet, num_steps: int) -> ReusePlan:
-        return build_plan(unet, self.key_steps, num_steps, self.reuse, self.branch, self.forecast)
+    def _spell_deep(self) -> None:
+        """``cache_interval=k`` means DeepCache (reuse="deep"); the old spelling, an int
+        key_steps with reuse="deep", still works for one release, with a warning."""
+        k = self.key_steps
+        if self.reuse == "deep" and self.cache_interval is None and isinstance(k, int) and not isinstance(k, bool):
+            warnings.warn(
+                f"key_steps={k} with reuse='deep' is now cache_interval={k} (an int key_steps is the uniform "
+                "interval of encoder reuse); the old spelling goes in the next release",
+                DeprecationWarning,
+                stacklevel=5,
+            )
+            object.__setattr__(self, "cache_interval", k)
+            k = None
+        if self.cache_interval is None:
+            return
+        c = self.cache_interval
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"cache_interval must be an int >= 1 (DeepCache's interval), got {c!r}")
+        if k not in (None, defaults.KEY_STEPS):
+            raise ValueError(f"cache_interval sets DeepCache's key steps; leave key_steps out (got key_steps={k!r})")
+        object.__setattr__(self, "key_steps", None)
+        object.__setattr__(self, "reuse", "deep")
 
-    def without_auto(self, scheduler, num_inference_steps: int, unet) -> tuple[Settings, str]:
-        """With key_steps="auto" or "auto-fast": the settings of the plan it picks, and why; else these."""
+    def plan(self, unet, num_steps: int) -> ReusePlan:
+        key_steps = self.key_steps if self.cache_interval is None else self.cache_interval
+        return build_plan(unet, key_steps, num_steps, self.reuse, self.branch, self.forecast)
+
+    def without_auto(self, scheduler, num_inference_steps: int, unet, evaluations: int) -> tuple[Settings, str]:
+        """With key_steps="auto" or "auto-fast": the settings of the plan it picks, and why; else these.
+
+        ``evaluations``: the UNet evaluations that run; fewer than the calibrated plan's where
+        img2img's strength starts part-way: the plan's last ``evaluations`` steps run.
+        """
         if not is_auto(self.key_steps):
             return self, ""
         choice = choose(self.plans, scheduler, num_inference_steps, unet, level=AUTO_KEY_STEPS[self.key_steps])
+        key_steps, reason = choice.key_steps, choice.reason
+        if isinstance(key_steps, ReusePlan) and key_steps.num_steps > evaluations:
+            key_steps = key_steps.last(evaluations)
+            reason += f"; its last {evaluations} of {choice.key_steps.num_steps} steps (the ones strength runs)"
         # parallel=True asks to batch where the plan allows; a deep plan does not
         parallel = None if self.parallel and choice.reuse == "deep" else self.parallel
-        return dataclasses.replace(self, key_steps=choice.key_steps, reuse=choice.reuse, parallel=parallel), choice.reason
+        return dataclasses.replace(self, key_steps=key_steps, reuse=choice.reuse, parallel=parallel), reason
 
     def steps_per_call(self, images: int) -> int | str | None:
         if self.max_batch is None or self.max_batch == "auto":
@@ -153,6 +206,20 @@ SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# What accelerate() takes: each with the same settings and the same core.
+SUPPORTED = (
+    StableDiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 
 
 @dataclass
@@ -177,7 +244,6 @@ class _Accelerated:
 
     settings: Settings
     _executor: ReuseExecutor
-    _output_class: type
 
     def __call__(self, *args, sampler: str | None = None, **kwargs):
         """Stock's ``__call__`` with the reuse plan carried out on the UNet.
@@ -192,6 +258,10 @@ class _Accelerated:
         overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
         if overrides.get("plans") is not None:
             check_plans_file(overrides["plans"])
+        if "key_steps" in overrides and "cache_interval" not in overrides:  # one of the two says the key steps
+            overrides.update(cache_interval=None, reuse=overrides.get("reuse", defaults.REUSE))
+        elif "cache_interval" in overrides and "key_steps" not in overrides:
+            overrides["key_steps"] = None
         settings = dataclasses.replace(self.settings, **overrides)
         stock_call = super().__call__
         bound = inspect.signature(stock_call).bind(*args, **kwargs)
@@ -205,19 +275,20 @@ class _Accelerated:
         if sampler is not None:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
-        settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet)
+        evaluations = self._evaluations(scheduler, call_args)
+        settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet, evaluations)
         if chosen and chosen not in self._said:  # once per pipeline: not at every call
             self._said.add(chosen)
             log.info(chosen)
-        plan = settings.plan(self.unet, _evaluations(scheduler, call_args))
+        plan = settings.plan(self.unet, evaluations)
         if not any(plan.replay) and settings.noise_injection:  # nothing reused ("off", or auto running stock):
             log.info("no step reuses anything: stock sampling, without noise injection")  # nothing to make up for
             settings = dataclasses.replace(settings, noise_injection=0)
         parallel = plan.batchable if settings.parallel is None else settings.parallel
         state = _CallState(settings)
 
-        def timesteps():
-            return self.scheduler.timesteps
+        def timesteps():  # those of the evaluations that run (img2img: the schedule's last ones)
+            return self.scheduler.timesteps[len(self.scheduler.timesteps) - evaluations :]
 
         # a compiled UNet (ours, or one the user compiled) may run CUDA graphs, which reuse output memory
         compiled = hasattr(self.unet, "_orig_mod")
@@ -231,7 +302,7 @@ class _Accelerated:
             latents = outputs.get("latents", tensors["latents"])
             upcoming = timesteps()
             if i + 1 < len(upcoming):
-                latents = state.inject(latents, self.scheduler, i + 1)
+                latents = state.inject(latents, self.scheduler, i + 1, timesteps)
             elif not torch.isfinite(latents).all():
                 raise FloatingPointError(
                     "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
@@ -251,8 +322,11 @@ class _Accelerated:
         self.__dict__["scheduler"] = scheduler
         self._fasterdiff_state = state
         state.run = run
+        controlnet = getattr(self, "controlnet", None)
         try:
-            with self._executor.running(real_unet, run):
+            with self._executor.running(real_unet, run), (
+                ControlNetReplay(self._executor, controlnet, real_unet) if controlnet is not None else nullcontext()
+            ):
                 out = stock_call(**kwargs)
         finally:
             self.__dict__["unet"], self.__dict__["scheduler"] = real_unet, real_scheduler
@@ -262,16 +336,55 @@ class _Accelerated:
         run.stats.seconds = time.perf_counter() - started
         if not call_args["return_dict"]:
             return out
-        return self._output_class(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, stats=run.stats)
+        return _with_stats(type(out))(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, stats=run.stats)
 
-    def prepare_latents(self, batch_size, *args, **kwargs):
-        """Stock ``prepare_latents``; keeps z_T and injects it before step 0 if due."""
-        latents = super().prepare_latents(batch_size, *args, **kwargs)
+    def prepare_latents(self, *args, **kwargs):
+        """Stock ``prepare_latents``; keeps z_T (the starting latent it returns: pure noise for
+        text-to-image, the noised image for img2img and inpainting) and injects it before
+        step 0 if due."""
+        out = super().prepare_latents(*args, **kwargs)
         state = getattr(self, "_fasterdiff_state", None)
         if state is None:
-            return latents
-        state.start(latents, batch_size)
-        return state.inject(latents, self.scheduler, 0)
+            return out
+        latents = out[0] if isinstance(out, tuple) else out  # inpainting: (latents, noise, ...)
+        state.start(latents, latents.shape[0])
+        latents = state.inject(latents, self.scheduler, 0, state.run.timesteps)
+        return (latents, *out[1:]) if isinstance(out, tuple) else latents
+
+    def _evaluations(self, scheduler, call_args: dict) -> int:
+        """How many UNet evaluations the stock loop will make: the schedule's (PNDM: one more
+        than steps), then, for img2img and inpainting, the ones ``strength`` leaves, as the
+        pipeline's own ``get_timesteps`` cuts them (run on a copy of the scheduler)."""
+        probe = copy.deepcopy(scheduler)
+        timesteps, steps = retrieve_timesteps(
+            probe, call_args["num_inference_steps"], "cpu", call_args.get("timesteps"), call_args.get("sigmas")
+        )
+        if "strength" in call_args and hasattr(type(self), "get_timesteps"):
+            holder = copy.copy(self)  # get_timesteps reads (and sets the begin index of) self.scheduler
+            holder.__dict__["scheduler"] = probe
+            options = {}
+            if "denoising_start" in inspect.signature(self.get_timesteps).parameters:
+                options["denoising_start"] = call_args.get("denoising_start")
+            timesteps, _ = type(self).get_timesteps(holder, steps, call_args["strength"], "cpu", **options)
+        return len(timesteps)
+
+
+    def run_safety_checker(self, image, device, dtype):
+        """Stock's, after decoding again in float32 where the VAE overflowed in half precision."""
+        state = self._fasterdiff_state
+        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32 and state is not None:
+            log.warning("the VAE decoder overflowed in %s; decoding again in float32", self.vae.dtype)
+            image = self._decode_in_float32(state.final_latents)
+            state.run.stats.decoded_in_float32 = True
+        if not torch.isfinite(image).all():
+            raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
+        return super().run_safety_checker(image, device, dtype)
+
+    @torch.no_grad()
+    def _decode_in_float32(self, latents: torch.Tensor) -> torch.Tensor:
+        """Stock's decode of the final latents with a float32 copy of the VAE (freed after)."""
+        vae = copy.deepcopy(self.vae).to(torch.float32)
+        return vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
 
 
 class _CallState:
@@ -287,11 +400,13 @@ class _CallState:
         self.z_T = z_T
         self.run.steps_per_call = self.settings.steps_per_call(images)
 
-    def inject(self, latents: torch.Tensor, scheduler, index: int) -> torch.Tensor:
-        """``latents`` before step ``index``, with the prior noise injected if that step's timestep is due."""
+    def inject(self, latents: torch.Tensor, scheduler, index: int, timesteps) -> torch.Tensor:
+        """``latents`` before step ``index`` (of ``timesteps()``, those that run), with the prior
+        noise injected if that step's timestep is due."""
         s = self.settings
-        if s.noise_injection > 0 and self.z_T is not None and scheduler.timesteps[index] < s.noise_injection_start:
-            return latents + s.noise_injection * injected_noise(self.z_T, scheduler, index)
+        if s.noise_injection > 0 and self.z_T is not None and timesteps()[index] < s.noise_injection_start:
+            offset = len(scheduler.timesteps) - len(timesteps())
+            return latents + s.noise_injection * injected_noise(self.z_T, scheduler, offset + index)
         return latents
 
 
@@ -348,15 +463,6 @@ def _defaults(fn) -> dict:
     }
 
 
-def _evaluations(scheduler, call_args: dict) -> int:
-    """How many UNet evaluations the stock loop will make (PNDM: one more than steps)."""
-    probe = copy.deepcopy(scheduler)
-    timesteps, _ = retrieve_timesteps(
-        probe, call_args["num_inference_steps"], "cpu", call_args.get("timesteps"), call_args.get("sigmas")
-    )
-    return len(timesteps)
-
-
 def _stock_signature(stock_cls):
     """``_Accelerated.__call__`` as seen by ``inspect``: stock's parameters, then ``sampler``
     (keyword-only) before stock's ``**kwargs``, which also takes the :class:`Settings` names."""
@@ -374,34 +480,35 @@ def _stock_signature(stock_cls):
     return __call__
 
 
-class FasterDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
-    """A StableDiffusionPipeline that samples with a reuse plan; made by :func:`accelerate`."""
-
-    _output_class = FasterDiffusionOutput
-    __call__ = _stock_signature(StableDiffusionPipeline)
-
-    def run_safety_checker(self, image, device, dtype):
-        state = self._fasterdiff_state
-        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32 and state is not None:
-            log.warning("the VAE decoder overflowed in %s; decoding again in float32", self.vae.dtype)
-            image = self._decode_in_float32(state.final_latents)
-            state.run.stats.decoded_in_float32 = True
-        if not torch.isfinite(image).all():
-            raise FloatingPointError("the VAE decoder produced NaN/inf pixels (numerical overflow; try fp32)")
-        return super().run_safety_checker(image, device, dtype)
-
-    @torch.no_grad()
-    def _decode_in_float32(self, latents: torch.Tensor) -> torch.Tensor:
-        """Stock's decode of the final latents with a float32 copy of the VAE (freed after)."""
-        vae = copy.deepcopy(self.vae).to(torch.float32)
-        return vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
+_OUTPUTS: dict[type, type] = {
+    StableDiffusionPipelineOutput: FasterDiffusionOutput,
+    StableDiffusionXLPipelineOutput: FasterDiffusionXLOutput,
+}
 
 
-class FasterDiffusionXLPipeline(_Accelerated, StableDiffusionXLPipeline):
-    """A StableDiffusionXLPipeline that samples with a reuse plan; made by :func:`accelerate`."""
+def _with_stats(output_cls: type) -> type:
+    """``output_cls`` (a stock pipeline's output dataclass) with a ``stats`` field added."""
+    if output_cls not in _OUTPUTS:
+        namespace = {"__annotations__": {"stats": RunStats | None}, "stats": None, "__module__": __name__,
+                     "__doc__": f"``{output_cls.__name__}`` plus what the run did."}
+        _OUTPUTS[output_cls] = dataclass(type(f"FasterDiffusion{output_cls.__name__}", (output_cls,), namespace))
+    return _OUTPUTS[output_cls]
 
-    _output_class = FasterDiffusionXLOutput
-    __call__ = _stock_signature(StableDiffusionXLPipeline)
+
+def _accelerated_class(stock: type) -> type:
+    """``stock`` with :class:`_Accelerated` mixed in: ``__call__`` is stock's, under a plan."""
+    name = "FasterDiffusion" + stock.__name__.removeprefix("StableDiffusion")
+    return type(name, (_Accelerated, stock), {
+        "__call__": _stock_signature(stock),
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"A {stock.__name__} that samples with a reuse plan; made by :func:`accelerate`.",
+    })
+
+
+_CLASSES = {stock: _accelerated_class(stock) for stock in SUPPORTED}
+FasterDiffusionPipeline = _CLASSES[StableDiffusionPipeline]
+FasterDiffusionXLPipeline = _CLASSES[StableDiffusionXLPipeline]
 
 
 def accelerate(
@@ -416,6 +523,7 @@ def accelerate(
     forecast: int = defaults.FORECAST,
     plans: str | os.PathLike | None = None,
     compile: bool | dict = False,
+    cache_interval: int | None = None,
 ):
     """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
@@ -436,18 +544,16 @@ def accelerate(
         check_plans_file(plans)
     settings = Settings(
         key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
-        None if plans is None else str(plans),
+        None if plans is None else str(plans), cache_interval,
     )
     if pipe.unet is not None:  # a text-encoder-only pipeline still encodes prompts
         check_supported(pipe.unet)
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        cls = FasterDiffusionXLPipeline
-    elif isinstance(pipe, StableDiffusionPipeline):
-        cls = FasterDiffusionPipeline
-    else:
+    stock = next((c for c in SUPPORTED if isinstance(pipe, c)), None)
+    if stock is None:
         raise ValueError(
-            f"accelerate() takes a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
+            f"accelerate() takes one of {', '.join(c.__name__ for c in SUPPORTED)}; got {type(pipe).__name__}"
         )
+    cls = _CLASSES[stock]
     init = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in init}
     components["scheduler"] = copy.deepcopy(pipe.scheduler)

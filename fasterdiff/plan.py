@@ -67,6 +67,15 @@ class ReusePlan:
             raise ValueError(f"forecast must be one of {FORECAST_ORDERS}, got {order!r}")
         return ReusePlan(self.replay, (order,) * self.num_steps, (float(damping),) * self.num_steps)
 
+    def last(self, count: int) -> ReusePlan:
+        """The plan of the last ``count`` steps, renumbered from 0 (its first step made a key
+        step: nothing is cached before it). For a run that starts part-way down the
+        schedule (img2img's strength): the steps whose timesteps it evaluates."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.num_steps:
+            raise ValueError(f"a plan of {self.num_steps} steps has no last {count!r} steps")
+        start = self.num_steps - count
+        return ReusePlan((frozenset(),) + self.replay[start + 1 :], self.forecast[start:], self.damping[start:])
+
     @property
     def history(self) -> int:
         """How many past computations of a module the plan reads (order + 1)."""
@@ -173,7 +182,7 @@ def encoder_plan(unet, key_steps, num_steps: int) -> ReusePlan:
 def deep_plan(unet, interval: int, num_steps: int, branch: int = 0) -> ReusePlan:
     """DeepCache: the whole UNet every ``interval`` steps, the shallow path to ``branch`` otherwise."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"key_steps: with reuse='deep' it must be an int >= 1 (DeepCache's cache_interval), got {interval!r}")
+        raise ValueError(f"cache_interval must be an int >= 1 (DeepCache's interval), got {interval!r}")
     keys = range(0, num_steps, interval)
     return _plan_from_keys(num_steps, keys, unet_layout.deep_modules(unet, branch))
 

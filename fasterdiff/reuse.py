@@ -117,6 +117,8 @@ class Run:
     next_step: int = 0
     stash: dict = field(default_factory=dict)  # step -> (timestep, noise prediction)
     cache: dict = field(default_factory=dict)  # module name -> [(timestep, output)] of its last computations
+    control: dict = field(default_factory=dict)  # ControlNet index -> (scale, down residuals, mid residual)
+    control_blocks: dict = field(default_factory=dict)  # (ControlNet index, block name) -> its last output
 
     def __post_init__(self):
         if self.parallel and not self.plan.batchable:
@@ -370,6 +372,8 @@ class _Installed:
         ex.evaluation = None
         self.run.stash.clear()
         self.run.cache.clear()  # cached features never outlive a call
+        self.run.control.clear()
+        self.run.control_blocks.clear()
         self._restore()
         return False
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from . import defaults
 from .choice import AUTO_KEY_STEPS
 from .defaults import BOUNDS, KEY_STEP_MODES, MAX_PROMPT_CHARS, MAX_SEED, OUTPUT_FORMATS  # noqa: F401  (the service's API)
+from .inputs import init_and_mask
 from .pipeline import accelerate
 from .samplers import SAMPLER_NAMES, make_scheduler
 from .reuse import RunStats, is_out_of_memory
@@ -57,6 +58,16 @@ class Request:
     output_quality: int = defaults.OUTPUT_QUALITY
     disable_safety_checker: bool = False
     compare_with_baseline: bool = False
+    image: str | os.PathLike | None = None  # img2img / inpainting: the picture to start from
+    mask: str | os.PathLike | None = None  # inpainting: white = repaint
+    prompt_strength: float = defaults.PROMPT_STRENGTH  # with an image: how far from it (1 = all the way)
+
+    @property
+    def mode(self) -> str:
+        """What the request asks for: "text-to-image", "img2img" or "inpainting"."""
+        if self.image is None:
+            return "text-to-image"
+        return "inpainting" if self.mask is not None else "img2img"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad input."""
@@ -101,13 +112,25 @@ class Request:
             raise ValueError("custom_key_steps is only used with key_step_mode='custom'")
         if self.key_step_mode == "custom" and not self.custom_key_steps.strip():
             raise ValueError("custom_key_steps: required with key_step_mode='custom', e.g. '0,1,2,3,5,10,15,25,35'")
+        for name in ("image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path to a picture file, got {type(value).__name__}")
+        if self.mask is not None and self.image is None:
+            raise ValueError("mask: needs an image (the picture to inpaint); give image too")
+        if self.image is not None and int(self.num_inference_steps * self.prompt_strength) < 1:
+            raise ValueError(
+                f"prompt_strength: {self.prompt_strength!r} with num_inference_steps={self.num_inference_steps} runs "
+                f"no step (diffusers runs int(steps x strength)); raise either"
+            )
 
-    def library_arguments(self, native_size: int | None = None) -> dict:
+    def library_arguments(self, native_size: int | None = None, image=None, mask=None) -> dict:
         """This request as keyword arguments of an accelerated pipeline's call (validated
         first): the one place a request is converted. The library checks the result.
 
         A width or height not given is ``native_size`` (None leaves it to the pipeline,
-        which uses the same).
+        which uses the same). ``image`` and ``mask``: the opened pictures
+        (:func:`fasterdiff.inputs.init_and_mask`); the output then takes the image's size.
         """
         self.validate()
         key_steps = {"non-uniform": "paper", "off": "off", "uniform": self.uniform_interval, **{m: m for m in AUTO_KEY_STEPS}}.get(
@@ -128,7 +151,15 @@ class Request:
             forecast=self.forecast,
             parallel=self.parallel,
             noise_injection=self.noise_injection_strength,
-        )
+        ) | self._image_arguments(image, mask)
+
+    def _image_arguments(self, image, mask) -> dict:
+        if image is None:
+            return {}
+        size = {"width": image.size[0], "height": image.size[1]}
+        if mask is not None:
+            return {"image": image, "mask_image": mask, "strength": self.prompt_strength, **size}
+        return {"image": image, "strength": self.prompt_strength, **size}  # height/width: dropped by the caller
 
     def key_step_inputs(self) -> str:
         """The inputs the library's ``key_steps`` comes from, for its error messages."""
@@ -148,12 +179,14 @@ class Result:
     messages: list[str] = field(default_factory=list)
 
 
-def view(pipe: StableDiffusionPipeline, **replace) -> StableDiffusionPipeline:
-    """A stock pipeline of ``pipe``'s components with some replaced (nothing is copied;
-    ``pipe`` is left as it was)."""
+def view(pipe: StableDiffusionPipeline, cls: type = StableDiffusionPipeline, **replace):
+    """A stock ``cls`` pipeline of ``pipe``'s components with some replaced (nothing is
+    copied; ``pipe`` is left as it was)."""
     parts = dict(pipe.components, **replace)
     requires = pipe.config.requires_safety_checker and parts["safety_checker"] is not None
-    out = StableDiffusionPipeline(**parts, requires_safety_checker=requires)
+    out = cls(**parts, requires_safety_checker=requires)
+    if pipe.config.get("_name_or_path"):  # where the weights (and their plan file) came from
+        out.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return out
 
@@ -163,19 +196,36 @@ def without_safety_checker(pipe: StableDiffusionPipeline) -> StableDiffusionPipe
     return view(pipe, safety_checker=None)
 
 
+# the stock pipeline class of each kind of request (Request.mode)
+PIPELINES = {
+    "text-to-image": StableDiffusionPipeline,
+    "img2img": StableDiffusionImg2ImgPipeline,
+    "inpainting": StableDiffusionInpaintPipeline,
+}
+
+
 class Generator:
-    """Holds the stock and accelerated pipelines (with and without safety checker)."""
+    """Holds the stock and accelerated pipelines: text-to-image, img2img and inpainting,
+    each with and without safety checker, all sharing one set of components."""
 
     def __init__(self, pipe: StableDiffusionPipeline, compile: bool | dict = False):
         self.device = pipe.device
         unchecked = without_safety_checker(pipe) if pipe.safety_checker is not None else pipe
         self.stock = {False: pipe, True: unchecked}  # keyed by disable_safety_checker
         self.fast = {False: accelerate(pipe, compile=compile), True: accelerate(unchecked, compile=compile)}
-        if compile:  # one compiled UNet for both, so that one warm-up serves both
-            self.fast[True].unet = self.fast[False].unet
-        # and one max_batch="auto" measurement: the warm-up runs one of them, and after it has
-        # recorded CUDA graphs the other would measure a replay, which allocates nothing new
-        self.fast[True]._executor.auto_steps = self.fast[False]._executor.auto_steps
+        # img2img and inpainting: keyed by (mode, disable_safety_checker)
+        self.editing = {
+            (mode, unsafe): accelerate(view(base, cls), compile=compile)
+            for mode, cls in PIPELINES.items() if mode != "text-to-image"
+            for unsafe, base in self.stock.items()
+        }
+        # one compiled UNet for all, so that one warm-up serves all; and one max_batch="auto"
+        # measurement: the warm-up runs one of them, and after it has recorded CUDA graphs the
+        # others would measure a replay, which allocates nothing new
+        for fast in [self.fast[True], *self.editing.values()]:
+            if compile:
+                fast.unet = self.fast[False].unet
+            fast._executor.auto_steps = self.fast[False]._executor.auto_steps
         self.base_scheduler_config = pipe.scheduler.config
         # The size a model was trained at (512 for SD 1.5, 32 for the stand-in): the default.
         # Below half of it a model draws broken images (refused); above twice it, repeated
@@ -184,71 +234,33 @@ class Generator:
         self.min_size = max(BOUNDS["width"][0], self.native_size // 2)
         self.max_size = 2 * self.native_size
 
+    def pipeline(self, req: Request):
+        """The accelerated pipeline a request runs on."""
+        if req.mode == "text-to-image":
+            return self.fast[req.disable_safety_checker]
+        return self.editing[req.mode, req.disable_safety_checker]
+
     def __call__(self, req: Request, out_dir: str | os.PathLike) -> Result:
-        args = req.library_arguments(self.native_size)
-        for name in ("width", "height"):
-            if args[name] < self.min_size:
-                raise ValueError(
-                    f"{name} must be at least {self.min_size} for this model (half its native "
-                    f"{self.native_size}x{self.native_size}), got {args[name]}"
-                )
+        req.validate()
+        image = mask = None
+        messages = []
+        if req.image is not None:
+            image, mask, messages = init_and_mask(req.image, req.mask, self.min_size, BOUNDS["width"][1])
+        args = req.library_arguments(self.native_size, image, mask)
+        self._check_size(args)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big")
-        messages = [f"seed: {seed}"]
-        if max(args["width"], args["height"]) > self.max_size:
-            messages.append(
-                f"warning: {args['width']}x{args['height']} is more than twice this model's native "
-                f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
-            )
-        first, total = _first_timestep(req.sampler, self.base_scheduler_config, req.num_inference_steps)
-        if first < 0.75 * total:  # e.g. DDIM and PNDM ("leading" spacing) below 4 steps
-            messages.append(
-                f"warning: {req.sampler} with {req.num_inference_steps} step(s) starts at timestep {first} of {total}, "
-                "far from pure noise: expect a noisy or washed-out image; use more steps"
-            )
-        if req.negative_prompt.strip() and req.guidance_scale <= 1:
-            messages.append("warning: negative_prompt is not used with guidance_scale=1 (no classifier-free guidance)")
-        tokenizer = self.stock[False].tokenizer
-        limit = tokenizer.model_max_length
-        for name in ("prompt", "negative_prompt"):
-            ids = tokenizer(getattr(req, name), verbose=False).input_ids
-            if len(ids) > limit:
-                ignored = tokenizer.decode(ids[limit - 1 : -1])  # as diffusers cuts: keep limit - 1, then the end token
-                messages.append(
-                    f"warning: {name} is {len(ids)} tokens; CLIP reads only the first {limit}, "
-                    f"the rest is ignored: {ignored!r}"
-                )
-        fast = self.fast[req.disable_safety_checker]
+        messages = [f"seed: {seed}", *messages, *self._warnings(req, args)]
+        fast = self.pipeline(req)
+        call = _accepted(fast, args)
         with _explain_out_of_memory(args), _naming_inputs(req), _truncation_said_once():
-            out = fast(**args, generator=torch.Generator("cpu").manual_seed(seed))
+            out = fast(**call, generator=torch.Generator("cpu").manual_seed(seed))
         stats = out.stats
         # (file name, image, flagged): accelerated images are out-<i>, the baseline's stock-<i>
         named = _named("out", out)
-        messages += [
-            f"key steps: {list(stats.key_steps)} ({stats.full_evaluations} of {stats.num_steps} UNet evaluations "
-            f"compute the whole UNet{'; PNDM makes one more than num_inference_steps' if stats.num_steps > req.num_inference_steps else ''})",
-            *([stats.plan] if stats.plan else []),
-            f"evaluations reusing cached features: {stats.reused_evaluations}",
-            f"UNet calls: {stats.unet_calls} (steps per call: {stats.steps_per_call})",
-            f"fasterdiff seconds: {stats.seconds:.2f}",
-        ]
-        if stats.decoded_in_float32:
-            messages.append("warning: the VAE overflowed in half precision; the images were decoded again in float32")
-        if stats.out_of_memory_retries:
-            messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
+        messages += _stats_messages(req, stats)
         baseline_seconds = None
         if req.compare_with_baseline:
-            # a view with the request's sampler: the held pipeline keeps its own scheduler
-            stock = view(
-                self.stock[req.disable_safety_checker],
-                scheduler=make_scheduler(req.sampler, self.base_scheduler_config),
-            )
-            start = time.perf_counter()
-            common = {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS}
-            with _explain_out_of_memory(args), _truncation_said_once():
-                base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            baseline_seconds = time.perf_counter() - start
+            base, baseline_seconds = self._baseline(req, args, seed)
             named += _named("stock", base)
             # the baseline is stock as users run it (eager); a compiled UNet's gain is in the speedup
             compiled = hasattr(fast.unet, "_orig_mod")  # as the pipeline tells a compiled UNet
@@ -266,6 +278,62 @@ class Generator:
         paths = save_images(kept, Path(out_dir), req.output_format, req.output_quality)
         return Result(paths, seed, stats, baseline_seconds, messages)
 
+    def _check_size(self, args: dict) -> None:
+        for name in ("width", "height"):
+            if args[name] < self.min_size:
+                raise ValueError(
+                    f"{name} must be at least {self.min_size} for this model (half its native "
+                    f"{self.native_size}x{self.native_size}), got {args[name]}"
+                )
+
+    def _warnings(self, req: Request, args: dict) -> list[str]:
+        """What the request will get that the user may not expect."""
+        messages = []
+        if max(args["width"], args["height"]) > self.max_size:
+            messages.append(
+                f"warning: {args['width']}x{args['height']} is more than twice this model's native "
+                f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
+            )
+        first, total = _first_timestep(req.sampler, self.base_scheduler_config, req.num_inference_steps)
+        if req.image is None and first < 0.75 * total:  # e.g. DDIM and PNDM ("leading" spacing) below 4 steps
+            messages.append(
+                f"warning: {req.sampler} with {req.num_inference_steps} step(s) starts at timestep {first} of {total}, "
+                "far from pure noise: expect a noisy or washed-out image; use more steps"
+            )
+        if req.negative_prompt.strip() and req.guidance_scale <= 1:
+            messages.append("warning: negative_prompt is not used with guidance_scale=1 (no classifier-free guidance)")
+        if req.image is None and req.prompt_strength != defaults.PROMPT_STRENGTH:
+            messages.append("warning: prompt_strength is only used with an image (img2img or inpainting)")
+        tokenizer = self.stock[False].tokenizer
+        limit = tokenizer.model_max_length
+        for name in ("prompt", "negative_prompt"):
+            ids = tokenizer(getattr(req, name), verbose=False).input_ids
+            if len(ids) > limit:
+                ignored = tokenizer.decode(ids[limit - 1 : -1])  # as diffusers cuts: keep limit - 1, then the end token
+                if len(ignored) > 120:  # its start and its end, not pages of it
+                    ignored = f"{ignored[:70]} ... {ignored[-40:]}"
+                messages.append(
+                    f"warning: {name} is {len(ids)} tokens; CLIP reads only the first {limit}, "
+                    f"the rest is ignored: {ignored!r}"
+                )
+        return messages
+
+    def _baseline(self, req: Request, args: dict, seed: int):
+        """Stock diffusers on the same request and seed: its output and seconds."""
+        # a view with the request's sampler: the held pipeline keeps its own scheduler
+        stock = view(
+            self.stock[req.disable_safety_checker],
+            PIPELINES[req.mode],
+            scheduler=make_scheduler(req.sampler, self.base_scheduler_config),
+        )
+        start = time.perf_counter()
+        common = _accepted(stock, {k: v for k, v in args.items() if k not in ACCELERATION_ARGUMENTS})
+        with _explain_out_of_memory(args), _truncation_said_once():
+            base = stock(**common, generator=torch.Generator("cpu").manual_seed(seed))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return base, time.perf_counter() - start
+
     def warm_up(self) -> float:
         """One default request at the native size, thrown away: the first real prediction
         does not pay for CUDA start-up or compiling. Returns its seconds."""
@@ -273,6 +341,32 @@ class Generator:
         with tempfile.TemporaryDirectory() as tmp:
             self(Request(prompt="a lighthouse on a cliff at dusk", seed=0, disable_safety_checker=True), tmp)
         return time.perf_counter() - start
+
+
+def _accepted(pipe, args: dict) -> dict:
+    """``args`` without the size arguments a pipeline does not take (img2img: the image's size)."""
+    if isinstance(pipe, StableDiffusionImg2ImgPipeline):
+        return {k: v for k, v in args.items() if k not in ("width", "height")}
+    return args
+
+
+def _stats_messages(req: Request, stats: RunStats) -> list[str]:
+    """What the accelerated run did, for the logs."""
+    pndm = "; PNDM makes one more than num_inference_steps" if stats.num_steps > req.num_inference_steps else ""
+    strength = f"; prompt_strength {req.prompt_strength:g} runs {stats.num_steps}" if req.image is not None else ""
+    messages = [
+        f"key steps: {list(stats.key_steps)} ({stats.full_evaluations} of {stats.num_steps} UNet evaluations "
+        f"compute the whole UNet{pndm}{strength})",
+        *([stats.plan] if stats.plan else []),
+        f"evaluations reusing cached features: {stats.reused_evaluations}",
+        f"UNet calls: {stats.unet_calls} (steps per call: {stats.steps_per_call})",
+        f"fasterdiff seconds: {stats.seconds:.2f}",
+    ]
+    if stats.decoded_in_float32:
+        messages.append("warning: the VAE overflowed in half precision; the images were decoded again in float32")
+    if stats.out_of_memory_retries:
+        messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
+    return messages
 
 
 def _first_timestep(sampler: str, config, steps: int) -> tuple[int, int]:

@@ -324,6 +324,16 @@ def test_noise_injection_sweep_quick_run_on_the_standin():
     assert euler[True]["rows"][1]["psnr_mean"] < euler[False]["rows"][1]["psnr_mean"] - 3
 
 
+def test_noise_injection_sweep_img2img_quick_run_on_the_standin():
+    sweep = _script("noise_injection")
+    result = sweep.run("DDIM", 10, prompts_every=30, strengths=(0.0,), plans=("paper", "auto"), img2img=0.6)
+    stock, paper, auto = result["rows"]
+    assert result["img2img"] == 0.6 and stock["psnr_mean"] == 100.0
+    # auto ran the stand-in's calibrated plan (no DDIM-10 entry: the paper's key steps), not stock
+    assert paper["psnr_mean"] < 100 and auto["psnr_mean"] < 100
+    assert "img2img at strength 0.6" in sweep.markdown(result, "cmd")
+
+
 def test_gpu_check_dry_run_times_every_method_and_compiled_equals_eager(tmp_path):
     check = _script("gpu_check")
     result = check.main(["--quick", "--out", str(tmp_path)])

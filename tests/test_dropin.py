@@ -48,7 +48,7 @@ def test_deep_plan_reproduces_deepcache(pipe, branch):
     # the UNet is left as it was: no module keeps an instance-level forward (DeepCache's own
     # disable() leaves one on each module it wrapped)
     assert not any("forward" in vars(m) for m in other.unet.modules())
-    fast = fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", branch=branch, parallel=False, noise_injection=0)
+    fast = fasterdiff.accelerate(pipe, cache_interval=3, branch=branch, parallel=False, noise_injection=0)
     result = fast("a cat", num_inference_steps=10, generator=gen(), output_type="np", **SIZE)
     assert np.abs(result.images - expected).max() <= 1e-4
     assert result.stats.key_steps == (0, 3, 6, 9) and result.stats.full_evaluations == 4
@@ -56,17 +56,41 @@ def test_deep_plan_reproduces_deepcache(pipe, branch):
 
 
 def test_deep_plan_settings_are_checked(pipe):
-    with pytest.raises(ValueError, match="key_steps"):
+    with pytest.raises(ValueError, match="needs cache_interval"):
         fasterdiff.accelerate(pipe, key_steps="paper", reuse="deep")
+    with pytest.raises(ValueError, match="leave key_steps out"):
+        fasterdiff.accelerate(pipe, key_steps="paper", cache_interval=3)
+    with pytest.raises(ValueError, match="cache_interval must be an int >= 1"):
+        fasterdiff.accelerate(pipe, cache_interval=0)
     with pytest.raises(ValueError, match="parallel"):
-        fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", parallel=True)
+        fasterdiff.accelerate(pipe, cache_interval=3, parallel=True)
     with pytest.raises(ValueError, match="branch"):
-        fasterdiff.accelerate(pipe, key_steps=3, reuse="deep", branch=99)("a cat", num_inference_steps=3)
+        fasterdiff.accelerate(pipe, cache_interval=3, branch=99)("a cat", num_inference_steps=3)
     with pytest.raises(ValueError, match="reuse"):
         fasterdiff.accelerate(pipe, reuse="everything")
     # deep's steps read their own latents: sequential by default
-    stats = fasterdiff.accelerate(pipe, key_steps=2, reuse="deep")("a cat", num_inference_steps=6, output_type="latent").stats
+    stats = fasterdiff.accelerate(pipe, cache_interval=2)("a cat", num_inference_steps=6, output_type="latent").stats
     assert stats.steps_per_call == [1] * 6
+
+
+def test_the_old_spelling_of_deepcache_still_works_with_a_warning(pipe):
+    kw = dict(num_inference_steps=6, output_type="latent", generator=gen())
+    new = fasterdiff.accelerate(pipe, cache_interval=2)("a cat", **kw)
+    with pytest.warns(DeprecationWarning, match="cache_interval=2"):
+        old = fasterdiff.accelerate(pipe, key_steps=2, reuse="deep")
+    kw["generator"] = gen()
+    got = old("a cat", **kw)
+    assert got.stats.key_steps == new.stats.key_steps == (0, 2, 4) and torch.equal(got.images, new.images)
+    with pytest.warns(DeprecationWarning, match="RunStats.encoder_calls is now RunStats.full_evaluations"):
+        assert got.stats.encoder_calls == 3
+
+
+def test_one_call_switches_between_key_steps_and_cache_interval(pipe):
+    fast = fasterdiff.accelerate(pipe, cache_interval=3)
+    kw = dict(num_inference_steps=6, output_type="latent")
+    assert fast("a cat", key_steps="paper", **kw).stats.key_steps == fasterdiff.paper_key_steps(6)
+    assert fast("a cat", **kw).stats.key_steps == (0, 3)
+    assert fasterdiff.accelerate(pipe, key_steps="paper")("a cat", cache_interval=2, **kw).stats.key_steps == (0, 2, 4)
 
 
 def test_lora_scale_reaches_unet_and_text_encoder():

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from cog_server import ROOT, CogServer
 from PIL import Image
@@ -15,6 +16,18 @@ import fasterdiff
 from fasterdiff.service import KEY_STEP_MODES, BOUNDS
 
 FAST = dict(num_inference_steps=4, width=256, height=256)
+
+
+def _png_uri(size, mode="RGB", white_right_half=False) -> str:
+    """A picture as the data URI cog takes for a file input."""
+    w, h = size
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    if white_right_half:
+        image = Image.fromarray(np.where(np.arange(w)[None, :] >= w // 2, 255, 0).astype(np.uint8).repeat(h, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def images_of(body) -> list[Image.Image]:
@@ -64,7 +77,7 @@ def test_openapi_lists_every_input_with_type_default_and_bounds(server):
     schema = server.get("/openapi.json")["components"]["schemas"]
     props = schema["Input"]["properties"]
     expected = [
-        "prompt", "negative_prompt", "width", "height", "num_outputs", "sampler", "num_inference_steps",
+        "prompt", "negative_prompt", "image", "mask", "prompt_strength", "width", "height", "num_outputs", "sampler", "num_inference_steps",
         "key_step_mode", "uniform_interval", "custom_key_steps", "forecast", "parallel", "noise_injection_strength",
         "guidance_scale", "seed", "output_format", "output_quality", "disable_safety_checker",
         "compare_with_baseline",
@@ -81,6 +94,9 @@ def test_openapi_lists_every_input_with_type_default_and_bounds(server):
     assert props["noise_injection_strength"]["type"] == "number" and props["noise_injection_strength"]["default"] == 0.003
     assert props["parallel"]["type"] == "boolean" and props["parallel"]["default"] is True
     assert props["seed"]["nullable"] is True
+    for name in ("image", "mask"):  # files: a URL or data URI, optional
+        assert props[name]["format"] == "uri" and props[name]["nullable"] is True and props[name]["default"] is None
+    assert props["prompt_strength"]["default"] == 0.8
     assert schema["sampler"]["enum"] == list(fasterdiff.SAMPLER_NAMES)
     assert schema["key_step_mode"]["enum"] == list(KEY_STEP_MODES)
     assert props["forecast"]["type"] == "integer" and props["forecast"]["default"] == 0
@@ -220,7 +236,30 @@ SERVER_BAD_INPUTS = [
     (dict(output_quality=101), "output_quality"),
     (dict(parallel="maybe"), "parallel"),
     (dict(compare_with_baseline=[1]), "compare_with_baseline"),
+    (dict(mask=_png_uri((256, 256), "L")), "mask"),  # a mask without an image
+    (dict(image="data:image/png;base64," + base64.b64encode(b"not a picture").decode()), "image"),
+    (dict(image=_png_uri((24, 24))), "image"),  # below half the model's native size (the tiny one: 32)
+    (dict(image=_png_uri((256, 256)), prompt_strength=0.1), "prompt_strength"),  # int(4 x 0.1) = 0 steps
+    (dict(prompt_strength=1.5), "prompt_strength"),
 ]
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["img2img", "inpainting"])
+def test_an_image_gives_img2img_and_a_mask_inpainting_with_stock_s_images_when_off(server, with_mask):
+    inputs = {**FAST, "prompt": "a cat", "seed": 4, "image": _png_uri((264, 256)), "prompt_strength": 0.5,
+              "num_inference_steps": 8, "output_format": "png"}
+    if with_mask:
+        inputs["mask"] = _png_uri((132, 128), "L", white_right_half=True)  # resized to the image's size
+    status, body = server.predict({**inputs, "compare_with_baseline": True, "key_step_mode": "off"})
+    assert status == 200 and body["status"] == "succeeded", body
+    (h1, out), (h2, stock) = images_of(body)
+    assert out.size == stock.size == (264, 256)  # the image's size; width and height are not used
+    assert out.tobytes() == stock.tobytes()
+    logs = body["logs"]
+    assert "prompt_strength 0.5 runs 4" in logs and ("mask: 132x128 resized" in logs) == with_mask
+    status, body = server.predict(inputs)  # accelerated, the default plan
+    assert body["status"] == "succeeded", body
+    assert "key steps: [0, 1, 2, 3]" in body["logs"]
 
 
 def test_many_bad_inputs_get_a_message_naming_the_input_and_the_server_keeps_serving(server):

@@ -186,3 +186,37 @@ def tiny_xl_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0, vae_scale_factor: int = 8):
+    """A ControlNetModel copied from ``unet`` (as diffusers' ``from_unet``), its zero-initialised
+    output convolutions given small random weights so that its residuals are not zero. Its
+    control image is in pixels: its embedding downsamples by ``vae_scale_factor`` (a power of 2)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    levels = vae_scale_factor.bit_length()  # 8 -> 4 levels: three stride-2 convolutions
+    channels = (8,) * (levels - 2) + (16, 16)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+            conv.bias.normal_(0, 0.05)
+    return net.eval()
+
+
+def tiny_inpaint_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny pipeline's UNet with SD's inpainting input: latent, mask and masked image (9 channels)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=9,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )

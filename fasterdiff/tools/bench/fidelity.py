@@ -120,7 +120,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
 
     def modelled(**settings) -> float:
         """Modelled GPU seconds of one image (fasterdiff.tools.cost) with these settings."""
-        s, _ = dataclasses.replace(fast.settings, **settings).without_auto(scheduler, n, pipe.unet)
+        s, _ = dataclasses.replace(fast.settings, **settings).without_auto(scheduler, n, pipe.unet, n)
         plan = s.plan(pipe.unet, n)
         return cost.gpu_seconds(plan, plan.batchable if s.parallel is None else s.parallel, deep=s.reuse == "deep")
 
@@ -136,9 +136,9 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
         acc("fasterdiff paper, forecast 1", key_steps="paper", forecast=1),
         acc("fasterdiff uniform-5, forecast 1", key_steps=5, forecast=1),
         acc("fasterdiff uniform-3, forecast 1", key_steps=3, forecast=1),
-        acc("fasterdiff deep (interval 3, branch 0)", key_steps=3, reuse="deep"),
-        acc("fasterdiff deep interval 3, forecast 1", key_steps=3, reuse="deep", forecast=1),
-        acc("fasterdiff deep interval 5, forecast 1", key_steps=5, reuse="deep", forecast=1),
+        acc("fasterdiff deep (interval 3, branch 0)", cache_interval=3),
+        acc("fasterdiff deep interval 3, forecast 1", cache_interval=3, forecast=1),
+        acc("fasterdiff deep interval 5, forecast 1", cache_interval=5, forecast=1),
         acc("fasterdiff auto (calibrated plan)", key_steps="auto"),
     ]
     methods += _calibrated_levels(pipe, fast, scheduler, n, acc)
@@ -148,7 +148,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
                 Method(
                     f"DeepCache (interval {interval}, branch 0)", stock(n),
                     lambda interval=interval: deepcache(pipe, interval), steps=n,
-                    gpu_seconds=modelled(key_steps=interval, reuse="deep"),
+                    gpu_seconds=modelled(cache_interval=interval),
                 )
             )
     if installed("tomesd"):

@@ -102,7 +102,7 @@ def make_methods(pipe, cfg: Config) -> list[Method]:
         ),
         Method("fasterdiff uniform-5, parallel", accelerated(key_steps=5, parallel=True)),
         Method("fasterdiff default (auto: the paper's key steps without a plan file; max_batch auto)", accelerated(max_batch="auto")),
-        Method("fasterdiff deep (interval 3, branch 0)", accelerated(key_steps=3, reuse="deep")),
+        Method("fasterdiff deep (interval 3, branch 0)", accelerated(cache_interval=3)),
     ]
     if installed("DeepCache"):
         methods.append(

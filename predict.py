@@ -30,7 +30,7 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # FASTERDIFF_COMPILE=1 (or a torch.compile mode, e.g. reduce-overhead for CUDA graphs):
-        # torch.compile the UNet (first calls compile; see README).
+        # torch.compile the UNet (first calls compile; see docs/gpu.md).
         # FASTERDIFF_WARMUP: one thrown-away prediction here (default: on a GPU or when compiling).
         compile_unet = env_compile("FASTERDIFF_COMPILE")
         self.generator = Generator(load_pipeline(ensure_weights(weights_dir(WEIGHTS)), local_files_only=True), compile=compile_unet)

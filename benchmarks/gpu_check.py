@@ -67,7 +67,10 @@ COMPILED_TWINS = {
 
 
 @dataclass
-class Method:
+class TimedPipeline:
+    """A pipeline this check times as it is (scheduler set per configuration), under ``context``
+    (DeepCache's patch); fasterdiff.tools.bench.harness.Method samples through a function instead."""
+
     name: str
     pipe: object
     context: Callable = contextlib.nullcontext
@@ -92,19 +95,19 @@ def channels_last(pipe):
     return other
 
 
-def methods(pipe, quick: bool) -> list[Method]:
+def methods(pipe, quick: bool) -> list[TimedPipeline]:
     # the CPU dry run compiles nothing (the tests check compiled == eager on their own)
     compiled, graphs = (False, False) if quick else (True, CUDA_GRAPHS)
     standin = dict(key_steps="auto", plans=STANDIN_PLANS)
     out = [
-        Method(STOCK, pipe),
-        Method("stock + torch.compile(unet)", stock_compiled(pipe, compiled)),
-        Method("stock + torch.compile(unet), CUDA graphs", stock_compiled(pipe, graphs), first_config_only=True),
+        TimedPipeline(STOCK, pipe),
+        TimedPipeline("stock + torch.compile(unet)", stock_compiled(pipe, compiled)),
+        TimedPipeline("stock + torch.compile(unet), CUDA graphs", stock_compiled(pipe, graphs), first_config_only=True),
     ]
     last = channels_last(pipe)
     out += [
-        Method("stock, channels_last UNet", last, first_config_only=True),
-        Method("fasterdiff default, channels_last UNet", fasterdiff.accelerate(last), first_config_only=True),
+        TimedPipeline("stock, channels_last UNet", last, first_config_only=True),
+        TimedPipeline("fasterdiff default, channels_last UNet", fasterdiff.accelerate(last), first_config_only=True),
     ]
     fast = {
         COMPILED_TWINS["fasterdiff default, compiled"]: fasterdiff.accelerate(pipe),
@@ -119,9 +122,9 @@ def methods(pipe, quick: bool) -> list[Method]:
         # the same plan as "paper, unbounded": compiled, its groups of 5, 10 and 15 steps run padded to 8 and 16
         "fasterdiff paper, unbounded, compiled": fasterdiff.accelerate(pipe, max_batch=None, compile=compiled),
     }
-    out += [Method(name, f) for name, f in fast.items()]
+    out += [TimedPipeline(name, f) for name, f in fast.items()]
     out.append(
-        Method(
+        TimedPipeline(
             "fasterdiff auto (stand-in's plans), compiled, CUDA graphs",
             fasterdiff.accelerate(pipe, compile=graphs, **standin),
             first_config_only=True,
@@ -132,7 +135,7 @@ def methods(pipe, quick: bool) -> list[Method]:
     try:
         import DeepCache  # noqa: F401
 
-        out += [Method(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, interval=k)) for k in (3, 5)]
+        out += [TimedPipeline(f"DeepCache interval {k}", pipe, lambda k=k: deepcache(pipe, interval=k)) for k in (3, 5)]
     except ImportError:
         print("DeepCache not installed: its rows are skipped")
     return out

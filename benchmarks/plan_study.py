@@ -42,7 +42,7 @@ from fasterdiff.tools import calibrate, cost  # noqa: E402
 from fasterdiff import unet as unet_layout  # noqa: E402
 from fasterdiff.tools.bench.fidelity import paired_comparison  # noqa: E402
 from fasterdiff.plan import ReusePlan, deep_plan_from_keys  # noqa: E402
-from fasterdiff.samplers import DETERMINISTIC_SAMPLERS  # noqa: E402
+from fasterdiff.samplers import DETERMINISTIC_SAMPLERS, sampler_timesteps  # noqa: E402
 from fasterdiff.tools.standin import PIPELINE_DIR, data, score  # noqa: E402
 
 DEVELOPMENT_SEED = 2000
@@ -122,9 +122,9 @@ def run(sampler: str, steps: int, pairs: int, progress: bool = True) -> dict:
     classifier = score.load_classifier()
     wanted = [data.parse_prompt(p) for p in prompts]
     stock_hits = hits_of(reference, classifier, wanted)
-    timesteps = [float(t) for t in calibrate._scheduler_timesteps(pipe, setting)]
+    timesteps = [float(t) for t in sampler_timesteps(setting.sampler, pipe.scheduler.config, setting.steps)]
     measured = plans(pipe.unet, timesteps)
-    flops = calibrate._flops_per_kind(pipe, setting, {r for _, _, p in measured for r in p.replay})
+    flops = calibrate.flops_per_kind(pipe, setting, {r for _, _, p in measured for r in p.replay})
     rows = [{"family": "control", "name": "stock", "key_steps": len(timesteps), "unet_flops": 1.0,
              "unet_calls": len(timesteps), "psnr_pooled": None, "psnr_mean": None, "psnr_min": None,
              "accuracy": float(stock_hits.mean()), "gained": 0, "lost": 0, "p": 1.0}]

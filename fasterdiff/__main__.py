@@ -103,7 +103,7 @@ def _download(args) -> int:
 
 
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="benchmarks (see benchmarks/README.md)")
+    p = sub.add_parser("benchmark", help="benchmarks (see docs/benchmarks.md)")
     bsub = p.add_subparsers(dest="benchmark", required=True)
     s = bsub.add_parser("speed", help="time fasterdiff against stock diffusers, interleaved, in one process")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

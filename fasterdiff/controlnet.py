@@ -61,8 +61,7 @@ class ControlNetReplay:
         encoder_replays = any(replays_encoder(r, self.encoder) for r in run.plan.replay)
         deep = deep_replayed(run.plan, self.encoder)
         for index, net in enumerate(self.nets):
-            if encoder_replays:
-                self._install(net, self._wrapper(index, net.forward))
+            self._install(net, self._wrapper(index, net.forward, keep=encoder_replays))
             for name in sorted(deep):
                 module = _submodule(net, name)
                 if module is not None:
@@ -98,7 +97,9 @@ class ControlNetReplay:
 
         return forward
 
-    def _wrapper(self, index: int, original: Callable) -> Callable:
+    def _wrapper(self, index: int, original: Callable, keep: bool) -> Callable:
+        """The ControlNet's forward: counted; replayed where the encoder replays (``keep``: the
+        plan replays it somewhere, so computed residuals are kept)."""
         executor, encoder = self.executor, self.encoder
 
         @torch.compiler.disable(recursive=False)
@@ -118,8 +119,8 @@ class ControlNetReplay:
             run.stats.controlnet_evaluations += 1
             if replay:  # new residuals where the encoder replays: none of a batch computed before
                 _drop_batched_from(run, step)
-            # kept as copies: the caller may change what it gets in place (MultiControlNetModel does)
-            run.control[index] = (conditioning_scale, tuple(d.clone() for d in down), mid.clone())
+            if keep:  # as copies: the caller may change what it gets in place (MultiControlNetModel does)
+                run.control[index] = (conditioning_scale, tuple(d.clone() for d in down), mid.clone())
             return _output(down, mid, return_dict)
 
         return forward
@@ -153,7 +154,7 @@ def _drop_batched_from(run, step: int) -> None:
 
 def _output(down, mid, return_dict: bool):
     if not return_dict:
-        return tuple(down), mid
+        return down, mid
     from diffusers.models.controlnets.controlnet import ControlNetOutput
 
     return ControlNetOutput(down_block_res_samples=tuple(down), mid_block_res_sample=mid)

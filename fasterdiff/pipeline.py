@@ -255,73 +255,23 @@ class _Accelerated:
         started = time.perf_counter()
         if self.unet is None:
             raise ValueError("this pipeline has no UNet to sample with (it was made from one with unet=None)")
-        overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
-        if overrides.get("plans") is not None:
-            check_plans_file(overrides["plans"])
-        if "key_steps" in overrides and "cache_interval" not in overrides:  # one of the two says the key steps
-            overrides.update(cache_interval=None, reuse=overrides.get("reuse", defaults.REUSE))
-        elif "cache_interval" in overrides and "key_steps" not in overrides:
-            overrides["key_steps"] = None
-        settings = dataclasses.replace(self.settings, **overrides)
+        settings = self._settings_for_call(kwargs)
         stock_call = super().__call__
         bound = inspect.signature(stock_call).bind(*args, **kwargs)
         call_args = {**_defaults(stock_call), **bound.arguments}
-        user_callback = call_args["callback_on_step_end"]
-        user_inputs = list(call_args["callback_on_step_end_tensor_inputs"] or [])
-        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
-            user_inputs = list(user_callback.tensor_inputs)
-
         _check_call(call_args, self.vae_scale_factor)
         if sampler is not None:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
-        evaluations = self._evaluations(scheduler, call_args)
-        settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet, evaluations)
-        if chosen and chosen not in self._said:  # once per pipeline: not at every call
-            self._said.add(chosen)
-            log.info(chosen)
-        plan = settings.plan(self.unet, evaluations)
-        if not any(plan.replay) and settings.noise_injection:  # nothing reused ("off", or auto running stock):
-            log.info("no step reuses anything: stock sampling, without noise injection")  # nothing to make up for
-            settings = dataclasses.replace(settings, noise_injection=0)
-        parallel = plan.batchable if settings.parallel is None else settings.parallel
-        state = _CallState(settings)
-
-        def timesteps():  # those of the evaluations that run (img2img: the schedule's last ones)
-            return self.scheduler.timesteps[len(self.scheduler.timesteps) - evaluations :]
-
-        # a compiled UNet (ours, or one the user compiled) may run CUDA graphs, which reuse output memory
-        compiled = hasattr(self.unet, "_orig_mod")
-        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=compiled)
-        run.stats.plan = chosen
-
-        def on_step_end(pipe, i, t, tensors):
-            outputs = {}
-            if user_callback is not None:
-                outputs = user_callback(pipe, i, t, {k: tensors[k] for k in user_inputs}) or {}
-            latents = outputs.get("latents", tensors["latents"])
-            upcoming = timesteps()
-            if i + 1 < len(upcoming):
-                latents = state.inject(latents, self.scheduler, i + 1, timesteps)
-            elif not torch.isfinite(latents).all():
-                raise FloatingPointError(
-                    "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
-                    "or a lower guidance_scale)"
-                )
-            else:
-                state.final_latents = latents  # what the VAE decodes
-            run.stats.denoise_seconds = time.perf_counter() - started
-            return {**outputs, "latents": latents}
+        run, state = self._prepare_run(settings, scheduler, call_args)
 
         kwargs = dict(bound.arguments)
         kwargs.pop("self", None)
-        kwargs["callback_on_step_end"] = on_step_end
-        kwargs["callback_on_step_end_tensor_inputs"] = sorted(set(user_inputs) | {"latents"})
+        kwargs.update(self._step_end(call_args, run, state, started))
         real_unet, real_scheduler = self.unet, self.scheduler
         self.__dict__["unet"] = UNetView(real_unet, self._executor)  # not __setattr__: the config stays
         self.__dict__["scheduler"] = scheduler
         self._fasterdiff_state = state
-        state.run = run
         controlnet = getattr(self, "controlnet", None)
         try:
             with self._executor.running(real_unet, run), (
@@ -337,6 +287,71 @@ class _Accelerated:
         if not call_args["return_dict"]:
             return out
         return _with_stats(type(out))(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, stats=run.stats)
+
+    def _settings_for_call(self, kwargs: dict) -> Settings:
+        """This pipeline's settings with the call's :class:`Settings` keywords (taken out of ``kwargs``)."""
+        overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
+        if overrides.get("plans") is not None:
+            check_plans_file(overrides["plans"])
+        if "key_steps" in overrides and "cache_interval" not in overrides:  # one of the two says the key steps
+            overrides.update(cache_interval=None, reuse=overrides.get("reuse", defaults.REUSE))
+        elif "cache_interval" in overrides and "key_steps" not in overrides:
+            overrides["key_steps"] = None
+        return dataclasses.replace(self.settings, **overrides)
+
+    def _prepare_run(self, settings: Settings, scheduler, call_args: dict) -> tuple[Run, _CallState]:
+        """The plan for the evaluations this call will make, as a :class:`Run`, and the call's state."""
+        evaluations = self._evaluations(scheduler, call_args)
+        settings, chosen = settings.without_auto(scheduler, call_args["num_inference_steps"], self.unet, evaluations)
+        if chosen and chosen not in self._said:  # once per pipeline: not at every call
+            self._said.add(chosen)
+            log.info(chosen)
+        plan = settings.plan(self.unet, evaluations)
+        if not any(plan.replay) and settings.noise_injection:  # nothing reused ("off", or auto running stock):
+            log.info("no step reuses anything: stock sampling, without noise injection")  # nothing to make up for
+            settings = dataclasses.replace(settings, noise_injection=0)
+        parallel = plan.batchable if settings.parallel is None else settings.parallel
+
+        def timesteps():  # those of the evaluations that run (img2img: the schedule's last ones)
+            return self.scheduler.timesteps[len(self.scheduler.timesteps) - evaluations :]
+
+        # a compiled UNet (ours, or one the user compiled) may run CUDA graphs, which reuse output memory
+        compiled = hasattr(self.unet, "_orig_mod")
+        run = Run(plan, parallel, None, timesteps, pad_sizes=self._pad_sizes, keep_copies=compiled)
+        run.stats.plan = chosen
+        state = _CallState(settings)
+        state.run = run
+        return run, state
+
+    def _step_end(self, call_args: dict, run: Run, state: _CallState, started: float) -> dict:
+        """The stock call's step-end callback arguments: the user's callback, then noise injection
+        before the next step (or, after the last, a check that the latents are finite)."""
+        user_callback = call_args["callback_on_step_end"]
+        user_inputs = list(call_args["callback_on_step_end_tensor_inputs"] or [])
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            user_inputs = list(user_callback.tensor_inputs)
+
+        def on_step_end(pipe, i, t, tensors):
+            outputs = {}
+            if user_callback is not None:
+                outputs = user_callback(pipe, i, t, {k: tensors[k] for k in user_inputs}) or {}
+            latents = outputs.get("latents", tensors["latents"])
+            if i + 1 < len(run.timesteps()):
+                latents = state.inject(latents, self.scheduler, i + 1, run.timesteps)
+            elif not torch.isfinite(latents).all():
+                raise FloatingPointError(
+                    "sampling produced NaN/inf latents (numerical overflow; try fp32, another sampler "
+                    "or a lower guidance_scale)"
+                )
+            else:
+                state.final_latents = latents  # what the VAE decodes
+            run.stats.denoise_seconds = time.perf_counter() - started
+            return {**outputs, "latents": latents}
+
+        return {
+            "callback_on_step_end": on_step_end,
+            "callback_on_step_end_tensor_inputs": sorted(set(user_inputs) | {"latents"}),
+        }
 
     def prepare_latents(self, *args, **kwargs):
         """Stock ``prepare_latents``; keeps z_T (the starting latent it returns: pure noise for
@@ -368,6 +383,12 @@ class _Accelerated:
             timesteps, _ = type(self).get_timesteps(holder, steps, call_args["strength"], "cpu", **options)
         return len(timesteps)
 
+
+    def share_batch_sizes(self, other) -> None:
+        """Use ``other``'s max_batch="auto" measurements (another accelerated pipeline on the
+        same UNet): one measurement serves both. After CUDA graphs are recorded a replay
+        allocates nothing new, so a second pipeline measuring then would pick too large a batch."""
+        self._executor.auto_steps = other._executor.auto_steps
 
     def run_safety_checker(self, image, device, dtype):
         """Stock's, after decoding again in float32 where the VAE overflowed in half precision."""
@@ -418,7 +439,7 @@ def injected_noise(z_T: torch.Tensor, scheduler, index: int) -> torch.Tensor:
     (Euler, Euler-Ancestral, LMS: initial sigma 14.6 for SD 1.5's config) hold z_T at the first sigma and
     later latents at sqrt(1 + sigma^2) of theirs: z_T rescaled to that, so that alpha means the
     same for every sampler (measured: with z_T as it is, Euler's 0.003 cost the stand-in's prompt
-    accuracy 0.52 -> 0.36 and 0.01 drew no prompt right; README, Noise injection strength).
+    accuracy 0.52 -> 0.36 and 0.01 drew no prompt right; docs/noise-injection.md).
     """
     if not isinstance(scheduler, SIGMA_STEP_SCHEDULERS) or index >= len(scheduler.sigmas):
         return z_T

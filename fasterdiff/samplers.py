@@ -48,6 +48,13 @@ def make_scheduler(name: str, config) -> SchedulerMixin:
         return cls.from_config(config, **overrides)
 
 
+def sampler_timesteps(name: str, config, steps: int):
+    """The timesteps ``name`` evaluates with ``steps`` steps on ``config``'s noise schedule."""
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
 def sampler_name(scheduler) -> str | None:
     """The name in :data:`SAMPLERS` a scheduler object is an instance of, if any."""
     for name, (cls, overrides) in SAMPLERS.items():

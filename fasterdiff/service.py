@@ -27,7 +27,7 @@ from .choice import AUTO_KEY_STEPS
 from .defaults import BOUNDS, KEY_STEP_MODES, MAX_PROMPT_CHARS, MAX_SEED, OUTPUT_FORMATS  # noqa: F401  (the service's API)
 from .inputs import init_and_mask
 from .pipeline import accelerate
-from .samplers import SAMPLER_NAMES, make_scheduler
+from .samplers import SAMPLER_NAMES, make_scheduler, sampler_timesteps
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
 
@@ -225,7 +225,7 @@ class Generator:
         for fast in [self.fast[True], *self.editing.values()]:
             if compile:
                 fast.unet = self.fast[False].unet
-            fast._executor.auto_steps = self.fast[False]._executor.auto_steps
+            fast.share_batch_sizes(self.fast[False])
         self.base_scheduler_config = pipe.scheduler.config
         # The size a model was trained at (512 for SD 1.5, 32 for the stand-in): the default.
         # Below half of it a model draws broken images (refused); above twice it, repeated
@@ -294,7 +294,8 @@ class Generator:
                 f"warning: {args['width']}x{args['height']} is more than twice this model's native "
                 f"{self.native_size}x{self.native_size}; expect repeated or stretched shapes"
             )
-        first, total = _first_timestep(req.sampler, self.base_scheduler_config, req.num_inference_steps)
+        first = int(sampler_timesteps(req.sampler, self.base_scheduler_config, req.num_inference_steps)[0])
+        total = self.base_scheduler_config.num_train_timesteps
         if req.image is None and first < 0.75 * total:  # e.g. DDIM and PNDM ("leading" spacing) below 4 steps
             messages.append(
                 f"warning: {req.sampler} with {req.num_inference_steps} step(s) starts at timestep {first} of {total}, "
@@ -367,13 +368,6 @@ def _stats_messages(req: Request, stats: RunStats) -> list[str]:
     if stats.out_of_memory_retries:
         messages.append(f"warning: {stats.out_of_memory_retries} decoder batches ran out of memory and were split")
     return messages
-
-
-def _first_timestep(sampler: str, config, steps: int) -> tuple[int, int]:
-    """The timestep ``sampler`` starts from with ``steps`` steps, and the model's number of timesteps."""
-    scheduler = make_scheduler(sampler, config)
-    scheduler.set_timesteps(steps)
-    return int(scheduler.timesteps[0]), scheduler.config.num_train_timesteps
 
 
 def env_flag(name: str, default: bool) -> bool:

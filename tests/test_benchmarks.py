@@ -218,16 +218,16 @@ def test_pass_counts_follow_the_plan(pipe):
         assert passes.decoder_calls == decoder_calls and passes.decoder_steps == 12
 
 
-def test_readme_speed_tables_are_the_generated_ones():
+def test_docs_speed_tables_are_the_generated_ones():
     from fasterdiff.tools.bench import speed
 
-    readme = (ROOT / "README.md").read_text()
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
     header = speed.markdown_table({"rows": []}).splitlines()[0]
     for name in ("DDIM-50", "DPM-Solver++-20"):
         generated = (ROOT / "benchmarks" / "results" / f"speed-cpu-{name}.md").read_text()
         table = "\n".join(line for line in generated.splitlines() if line.startswith("|"))
         assert table.startswith(header + "\n")
-        assert table in readme, name
+        assert table in docs, name
 
 
 def test_quick_speed_benchmark_says_tiny_and_leaves_no_untracked_files(capsys):
@@ -370,7 +370,7 @@ def test_gpu_check_keeps_to_its_budget_and_records_a_failing_method(tmp_path, mo
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     real = check.methods
-    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.Method("broken", Broken())])
+    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.TimedPipeline("broken", Broken())])
     result = check.main(["--quick", "--out", str(tmp_path), "--budget", "0", "--rounds", "3"])
     first, second = check.QUICK_CONFIGS
     assert [r["method"] for r in result["rows"]] == ["stock eager"]  # the first configuration only
@@ -387,7 +387,7 @@ def test_gpu_check_keeps_to_its_budget_and_records_a_failing_method(tmp_path, mo
     text = (tmp_path / "gpu-check.md").read_text()
     assert "broken: RuntimeError: CUDA error" in text and "left out (time budget" in text
     # without a baseline nothing can be compared: the check stops, with what it has written
-    monkeypatch.setattr(check, "methods", lambda pipe, quick: [check.Method(check.STOCK, Broken())])
+    monkeypatch.setattr(check, "methods", lambda pipe, quick: [check.TimedPipeline(check.STOCK, Broken())])
     with pytest.raises(RuntimeError, match="illegal memory access"):
         check.main(["--quick", "--out", str(tmp_path / "stock")])
     assert json.loads((tmp_path / "stock" / "gpu-check.json").read_text())["rows"] == []
@@ -407,7 +407,7 @@ def test_gpu_check_keeps_to_its_budget_and_records_a_failing_method(tmp_path, mo
                 os.kill(os.getpid(), signal.SIGTERM)
             return types.SimpleNamespace(images=None)
 
-    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.Method("stopped", Stopped())])
+    monkeypatch.setattr(check, "methods", lambda pipe, quick: [real(pipe, quick)[0], check.TimedPipeline("stopped", Stopped())])
     with pytest.raises(SystemExit) as stopped:
         check.main(["--quick", "--out", str(tmp_path / "term"), "--rounds", "3"])
     assert stopped.value.code == 128 + signal.SIGTERM

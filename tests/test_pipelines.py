@@ -151,12 +151,13 @@ def test_controlnet_computes_at_key_steps_only_and_counts_match(kinds):
             out = fast("a cat", num_inference_steps=20, generator=gen(), output_type="latent", **kw)
         assert out.stats.key_steps == paper_key_steps(20)
         assert len(control) == out.stats.controlnet_evaluations == len(out.stats.key_steps)
-    # stock sampling and plans that keep each step's latent (deep) run it every step
-    for settings in (dict(key_steps="off"), dict(cache_interval=3)):
+    # stock sampling runs it every step; plans that keep each step's latent (deep) run its shallow path every step
+    for settings, probe in ((dict(key_steps="off"), stock.controlnet.down_blocks[0].resnets[0]),
+                            (dict(cache_interval=3), stock.controlnet.conv_in)):
         fast = fasterdiff.accelerate(stock, **settings)
-        with count_calls(stock.controlnet.down_blocks[0].resnets[0]) as control:
-            fast("a cat", num_inference_steps=12, generator=gen(), output_type="latent", **kw)
-        assert len(control) == 12
+        with count_calls(probe) as control:
+            out = fast("a cat", num_inference_steps=12, generator=gen(), output_type="latent", **kw)
+        assert len(control) == 12 == out.stats.controlnet_evaluations
 
 
 @pytest.mark.parametrize(

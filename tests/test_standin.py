@@ -19,8 +19,8 @@ from fasterdiff.tools.tiny import SD15_SCHEDULER_CONFIG
 # One prompt per digit, every colour and thickness among them.
 PROMPTS = [data.Attributes(d, d % len(data.COLORS), (d // 2) % 3) for d in range(10)]
 # Fraction of PROMPTS whose digit / colour the classifier must read as prompted: stock may
-# miss one of ten, accelerated two (it shifts some colours on the stand-in: see the README's
-# Fidelity section).
+# miss one of ten, accelerated two (it shifts some colours on the stand-in: see
+# docs/fidelity.md).
 MIN_ACCURACY = {"off": {"digit": 0.9, "color": 0.9}, "paper": {"digit": 0.8, "color": 0.8}}
 
 

@@ -50,7 +50,7 @@ from ..choice import AUTO_MIN_PSNR, DEEPCACHE, LEVELS
 from ..pipeline import accelerate
 from ..plan import ReusePlan, deep_plan, deep_plan_from_keys, encoder_plan
 from ..plan_file import PLANS_FILE_NAME, entry_key, read_plans, write_entry  # noqa: F401  (the tool's API)
-from ..samplers import make_scheduler
+from ..samplers import sampler_timesteps
 from . import cost
 from .metrics import pooled_psnr, psnr
 
@@ -200,9 +200,9 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
     stock = accelerate(pipe, key_steps="off", noise_injection=0)
     stock.set_progress_bar_config(disable=True)
     reference = sample_pairs(stock, setting)
-    num_steps = len(_scheduler_timesteps(pipe, setting))
+    num_steps = len(sampler_timesteps(setting.sampler, pipe.scheduler.config, setting.steps))
     plans = candidates(pipe.unet, num_steps)
-    flops = _flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
+    flops = flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
     full = flops[frozenset()]
     levels = _Levels({})
 
@@ -325,14 +325,8 @@ def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, measure,
     return out
 
 
-def _scheduler_timesteps(pipe, setting: Setting) -> torch.Tensor:
-    scheduler = make_scheduler(setting.sampler, pipe.scheduler.config)
-    scheduler.set_timesteps(setting.steps)
-    return scheduler.timesteps
-
-
 @torch.no_grad()
-def _flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[frozenset, int]:
+def flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[frozenset, int]:
     """FLOPs of one guided UNet evaluation of each kind, at the calibration size."""
     unet = pipe.unet
     scale = pipe.vae_scale_factor

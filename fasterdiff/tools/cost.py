@@ -21,6 +21,8 @@ bound by arithmetic. Checked on rows it was not fitted on: DeepCache interval 3,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
@@ -76,16 +78,22 @@ def step_flops(unet, replay: frozenset[str], sample: torch.Tensor, timestep, enc
     timesteps = torch.tensor([timestep, timestep])
     executor = ReuseExecutor()
     view = UNetView(unet, executor)
-    saved = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())  # plain matmuls, which the FLOP counter sees
-    try:
-        with executor.running(unet, Run(plan, False, None, lambda: timesteps)):
+    with countable_attention(unet), executor.running(unet, Run(plan, False, None, lambda: timesteps)):
+        view(sample, timesteps[0], encoder_hidden_states=encoder_hidden_states)
+        with FlopCounterMode(display=False) as counter:
             view(sample, timesteps[0], encoder_hidden_states=encoder_hidden_states)
-            with FlopCounterMode(display=False) as counter:
-                view(sample, timesteps[0], encoder_hidden_states=encoder_hidden_states)
+    return counter.get_total_flops()
+
+
+@contextlib.contextmanager
+def countable_attention(unet):
+    """Attention through plain matmuls, which torch's FLOP counter sees (it skips fused SDPA on CPU)."""
+    saved = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        yield
     finally:
         unet.set_attn_processor(saved)
-    return counter.get_total_flops()
 
 
 def flops_fraction(plan: ReusePlan, full: int, per_replay: dict[frozenset, int]) -> float:

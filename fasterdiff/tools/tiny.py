@@ -90,18 +90,7 @@ def tiny_pipeline(seed: int = 0, unet: UNet2DConditionModel | None = None) -> St
             pad_token_id=1,
         )
     )
-    unet = unet or UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    )
+    unet = unet or tiny_unet()
     vae = tiny_vae()
     pipe = assemble(tokenizer, text_encoder, vae, unet)
     pipe.set_progress_bar_config(disable=True)
@@ -205,12 +194,12 @@ def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0, vae_scale_factor:
     return net.eval()
 
 
-def tiny_inpaint_unet(seed: int = 0) -> UNet2DConditionModel:
-    """The tiny pipeline's UNet with SD's inpainting input: latent, mask and masked image (9 channels)."""
-    torch.manual_seed(seed)
+def tiny_unet(in_channels: int = 4) -> UNet2DConditionModel:
+    """The tiny pipeline's UNet: three levels, cross-attention on two, a few thousand weights.
+    ``in_channels=9``: SD's inpainting input (latent, mask and masked image)."""
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=9,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -220,3 +209,9 @@ def tiny_inpaint_unet(seed: int = 0) -> UNet2DConditionModel:
         cross_attention_dim=32,
         attention_head_dim=4,
     )
+
+
+def tiny_inpaint_unet(seed: int = 0) -> UNet2DConditionModel:
+    """:func:`tiny_unet` with SD's inpainting input (9 channels)."""
+    torch.manual_seed(seed)
+    return tiny_unet(in_channels=9)

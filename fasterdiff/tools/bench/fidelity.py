@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
@@ -207,19 +206,8 @@ def fewer_steps_controls(pipe, cfg: Config, base_config, costs: dict[str, float]
     return methods
 
 
-@contextlib.contextmanager
-def _countable_attention(unet):
-    """Attention through plain matmuls, which torch's FLOP counter sees (it skips fused SDPA on CPU)."""
-    saved = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(saved)
-
-
 def count_flops(pipe, method: Method, inputs: dict) -> int:
-    with method.context(), _countable_attention(pipe.unet), FlopCounterMode(display=False) as counter:
+    with method.context(), cost.countable_attention(pipe.unet), FlopCounterMode(display=False) as counter:
         method.run(inputs)
     return counter.get_total_flops()
 

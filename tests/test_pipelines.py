@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 from conftest import count_calls, gen
 from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
@@ -40,7 +42,12 @@ def _kinds():
             StableDiffusionControlNetPipeline(**parts, controlnet=multi),
             dict(image=[INIT, INIT], controlnet_conditioning_scale=[0.5, 1.0], **SIZE),
         ),
+        "controlnet img2img": (
+            StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=tiny_controlnet(base.unet, 3)),
+            dict(image=INIT, control_image=INIT, strength=0.6, **SIZE),
+        ),
         "sdxl img2img": (StableDiffusionXLImg2ImgPipeline(**xl_parts), dict(image=INIT, strength=0.6)),
+        "sdxl inpaint": (StableDiffusionXLInpaintPipeline(**xl_parts), dict(image=INIT, mask_image=MASK, strength=0.8, **SIZE)),
         "sdxl controlnet": (
             StableDiffusionXLControlNetPipeline(**xl_parts, controlnet=tiny_controlnet(xl.unet)), dict(image=INIT, **SIZE)
         ),
@@ -57,7 +64,7 @@ def kinds():
 
 NAMES = [
     "img2img", "inpaint (4-channel UNet)", "inpaint (9-channel UNet)", "controlnet", "multi-controlnet",
-    "sdxl img2img", "sdxl controlnet",
+    "controlnet img2img", "sdxl img2img", "sdxl inpaint", "sdxl controlnet",
 ]
 
 

@@ -95,7 +95,8 @@ class Settings:
         by memory, in whole steps of 1, 2, 4, 8 or 16, so that the peak stays within 1.5x
         stock's and within free CUDA memory (measured once per latent shape on a CUDA
         device, on the first call of the first run; lowered when a batch of that size runs
-        out of memory); latents on the CPU: 4 steps' images. None: a whole group per call
+        out of memory); latents on the CPU: as many steps as keep a call within four guided
+        steps of SD 1.5 at 512 px in latent pixels (16 at 256 px and below). None: a whole group per call
         (fastest, most memory).
       noise_injection_start: inject before steps whose timestep is below this
         (paper: 500 of 1000, i.e. the second half).

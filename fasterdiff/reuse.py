@@ -20,6 +20,7 @@ that does any work.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -311,7 +312,18 @@ class ReuseExecutor:
 # within AUTO_PEAK_FACTOR x stock's (and within free CUDA memory); on the CPU a fixed size.
 AUTO_CHUNK_SIZES = (1, 2, 4, 8, 16)
 AUTO_PEAK_FACTOR = 1.5
-CPU_AUTO_STEPS = 4
+# On the CPU (no allocator counters to read): as many steps per call as keep a call's latent
+# pixels (rows x height x width) within four guided steps of SD 1.5 at 512 px: 4 steps there, 16
+# at 256 px and below, where calls are bound by reading the weights and fewer calls win
+# (measured: benchmarks/results/auto-batching-cpu.md).
+CPU_AUTO_LATENT_PIXELS = 4 * 2 * 64 * 64
+
+
+def cpu_steps(sample_shape: tuple) -> int:
+    """max_batch="auto"'s steps per call for a sample of this shape on the CPU."""
+    rows, pixels = sample_shape[0], math.prod(sample_shape[2:])
+    fits = [m for m in AUTO_CHUNK_SIZES if m * rows * pixels <= CPU_AUTO_LATENT_PIXELS]
+    return max(fits, default=1)
 
 
 def steps_within_memory(resident: int, per_step: int, free: int | None = None) -> int:
@@ -333,7 +345,7 @@ def steps_within_memory(resident: int, per_step: int, free: int | None = None) -
 
 def _memory_known(executor: ReuseExecutor) -> bool:
     if executor.shape not in executor.auto_steps and not _cuda_memory(executor.device):
-        executor.auto_steps[executor.shape] = CPU_AUTO_STEPS
+        executor.auto_steps[executor.shape] = cpu_steps(executor.shape[0])
     return executor.shape in executor.auto_steps
 
 

@@ -259,8 +259,12 @@ def test_max_batch_auto_bounds_steps_per_call(pipe, monkeypatch):
 
     fast = fasterdiff.accelerate(pipe, key_steps="paper")  # max_batch="auto" by default
     stats = run(fast, steps=50).stats
-    assert max(stats.steps_per_call) == reuse.CPU_AUTO_STEPS  # the CPU's fixed size
+    groups = fasterdiff.schedule.resolve("paper", 50).groups
+    assert max(stats.steps_per_call) == min(16, max(len(g) for g in groups))  # 8x8 latents: up to 16 steps
     assert sum(stats.steps_per_call) == 50
+    # on the CPU, by the call's latent pixels: four guided steps of SD 1.5 at 512 px
+    assert reuse.cpu_steps((2, 4, 64, 64)) == 4 and reuse.cpu_steps((2, 4, 32, 32)) == 16
+    assert reuse.cpu_steps((8, 4, 64, 64)) == 1 and reuse.cpu_steps((2, 4, 48, 48)) == 4
     # the memory rule: the largest size whose batched call stays within 1.5x stock's peak
     assert reuse.steps_within_memory(resident=1000, per_step=100, free=10**9) == 4  # 1.5*1100-1000=650 -> 4*100
     assert reuse.steps_within_memory(resident=1000, per_step=10, free=10**9) == 16
@@ -282,8 +286,8 @@ def test_max_batch_auto_measures_the_first_call_of_each_shape_once(pipe, monkeyp
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1100 if len(resets) == 1 else 1000)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9, 10**9))
     fast = fasterdiff.accelerate(pipe, key_steps=5)  # groups of 5 steps
-    # samples on the CPU: the CPU's fixed size, nothing measured, whatever CUDA reports
-    assert run(fast, steps=20).stats.steps_per_call == [4, 1] * 4 and not resets
+    # samples on the CPU: the CPU's rule (8x8 latents: whole groups of 5), nothing measured, whatever CUDA reports
+    assert run(fast, steps=20).stats.steps_per_call == [5] * 4 and not resets
     monkeypatch.setattr(reuse, "_cuda_memory", lambda device: True)  # as if the samples were on the GPU
     fast = fasterdiff.accelerate(pipe, key_steps=5)
     first = run(fast, steps=20).stats.steps_per_call

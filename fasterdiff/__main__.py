@@ -274,9 +274,9 @@ def _calibrate(args) -> int:
     stem = out.with_suffix("")
     table = calibration_report.markdown(entry)
     Path(f"{stem}-{args.sampler}-{args.steps}.md").write_text(table)
-    calibration_report.plot(entry, f"{stem}-{args.sampler}-{args.steps}.png")
+    drawn = calibration_report.plot(entry, f"{stem}-{args.sampler}-{args.steps}.png")
     print(table)
-    print(f"wrote {out} and {stem}-{args.sampler}-{args.steps}.{{md,png}}")
+    print(f"wrote {out} and {stem}-{args.sampler}-{args.steps}.{{md,png}}" if drawn else f"wrote {out} and {stem}-{args.sampler}-{args.steps}.md")
     return 0
 
 

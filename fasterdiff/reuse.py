@@ -309,7 +309,7 @@ class ReuseExecutor:
 
 
 # max_batch="auto": steps per batched call, from these sizes, so that the peak memory stays
-# within AUTO_PEAK_FACTOR x stock's (and within free CUDA memory); on the CPU a fixed size.
+# within AUTO_PEAK_FACTOR x stock's (and within free CUDA memory); on the CPU by the call's latent pixels (cpu_steps).
 AUTO_CHUNK_SIZES = (1, 2, 4, 8, 16)
 AUTO_PEAK_FACTOR = 1.5
 # On the CPU (no allocator counters to read): as many steps per call as keep a call's latent

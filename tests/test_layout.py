@@ -124,3 +124,15 @@ def test_no_import_cycle_through_tools(module):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_a_command_without_matplotlib_writes_its_tables_and_names_only_them(weights, tmp_path, monkeypatch, capsys):
+    from fasterdiff.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    prefix = tmp_path / "feat"
+    assert main(["analyze", "features", "--weights", str(weights), "--steps", "3", "--prompt", "a cat", "--out", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert prefix.with_suffix(".json").is_file() and prefix.with_suffix(".md").is_file()
+    assert not prefix.with_suffix(".png").exists() and "feat.png" not in out.split("wrote ")[-1]
+    assert "pip install 'fasterdiff[plots]'" in out

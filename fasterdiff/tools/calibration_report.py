@@ -41,11 +41,12 @@ def markdown(entry: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(entry: dict, path: str | os.PathLike) -> None:
-    """Every measured plan: modelled GPU speedup against pooled PSNR, the frontier joined."""
+def plot(entry: dict, path: str | os.PathLike) -> bool:
+    """Every measured plan: modelled GPU speedup against pooled PSNR, the frontier joined.
+    Whether it was drawn (not without matplotlib)."""
     plt = plots.pyplot(path)
     if plt is None:
-        return
+        return False
 
     stock = entry["stock"]["gpu_seconds_1_image"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -70,3 +71,4 @@ def plot(entry: dict, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

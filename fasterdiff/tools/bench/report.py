@@ -67,6 +67,8 @@ def write(
     paths = [json_path, md_path]
     for suffix, draw in figures.items():
         path = Path(f"{prefix}{suffix}")
+        path.unlink(missing_ok=True)  # an earlier run's picture is not this one's
         draw(stamped, path)
-        paths.append(path)
+        if path.is_file():  # not drawn without matplotlib (plots.pyplot says so)
+            paths.append(path)
     return paths

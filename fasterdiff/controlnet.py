@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from . import unet as unet_layout
+from .reuse import restore_forwards
 
 
 def controlnets(controlnet) -> list[torch.nn.Module]:
@@ -60,12 +61,16 @@ class ControlNetReplay:
         run = self.executor.run
         encoder_replays = any(replays_encoder(r, self.encoder) for r in run.plan.replay)
         deep = deep_replayed(run.plan, self.encoder)
-        for index, net in enumerate(self.nets):
-            self._install(net, self._wrapper(index, net.forward, keep=encoder_replays))
-            for name in sorted(deep):
-                module = _submodule(net, name)
-                if module is not None:
-                    self._install(module, self._module_wrapper(index, name, module.forward))
+        try:
+            for index, net in enumerate(self.nets):
+                self._install(net, self._wrapper(index, net.forward, keep=encoder_replays))
+                for name in sorted(deep):
+                    module = _submodule(net, name)
+                    if module is not None:
+                        self._install(module, self._module_wrapper(index, name, module.forward))
+        except BaseException:
+            restore_forwards(self.saved)
+            raise
         return self
 
     def _install(self, module: torch.nn.Module, forward: Callable) -> None:
@@ -73,12 +78,7 @@ class ControlNetReplay:
         module.forward = forward
 
     def __exit__(self, *exc):
-        for net, own in reversed(self.saved):
-            if own is None:
-                del net.forward
-            else:
-                net.forward = own
-        self.saved.clear()
+        restore_forwards(self.saved)
         return False
 
     def _module_wrapper(self, index: int, name: str, original: Callable) -> Callable:

@@ -390,12 +390,17 @@ class _Installed:
         return False
 
     def _restore(self):
-        for module, own in reversed(self.saved):
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-        self.saved.clear()
+        restore_forwards(self.saved)
+
+
+def restore_forwards(saved: list[tuple[torch.nn.Module, Callable | None]]) -> None:
+    """Undo forward wrappers, last first: ``(module, its own instance forward or None)``; empties ``saved``."""
+    for module, own in reversed(saved):
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+    saved.clear()
 
 
 class UNetView:

@@ -19,7 +19,7 @@ from typing import Optional
 from cog import BaseRunner, Input, Path
 
 from fasterdiff import load_pipeline
-from fasterdiff.service import Generator, Request, env_compile, env_flag
+from fasterdiff.service import Generator, Request, env_compile, env_flag, env_seconds
 from fasterdiff.weights import ensure_weights, weights_dir
 
 # the Cog image's weights: weights/ beside this file ($FASTERDIFF_WEIGHTS overrides)
@@ -34,6 +34,11 @@ class Predictor(BaseRunner):
         # FASTERDIFF_WARMUP: one thrown-away prediction here (default: on a GPU or when compiling).
         compile_unet = env_compile("FASTERDIFF_COMPILE")
         self.generator = Generator(load_pipeline(ensure_weights(weights_dir(WEIGHTS)), local_files_only=True), compile=compile_unet)
+        # FASTERDIFF_CALIBRATE (default: on a GPU): where the weights have no plan for the default
+        # sampler and steps, calibrate one now (quick search, at most FASTERDIFF_CALIBRATION_BUDGET
+        # seconds, default 900; kept beside the weights or in $FASTERDIFF_CACHE); off: the paper's key steps.
+        if env_flag("FASTERDIFF_CALIBRATE", self.generator.device.type == "cuda"):
+            self.generator.calibrate(budget_s=env_seconds("FASTERDIFF_CALIBRATION_BUDGET", 900))
         if env_flag("FASTERDIFF_WARMUP", bool(compile_unet) or self.generator.device.type == "cuda"):
             seconds = self.generator.warm_up()
             logging.info("warm-up: %.1f s (compile: %s)", seconds, compile_unet)

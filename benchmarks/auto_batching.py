@@ -2,7 +2,7 @@
 fasterdiff's paper plan (parallel) with max_batch "auto", None (a whole group per call) and
 fixed 2, 4, 8 and 16 steps per call, at several image sizes, interleaved rounds.
 
-    python benchmarks/auto_batching.py [--sizes 32 128 256] [--rounds 3] [--steps 50]
+    python benchmarks/auto_batching.py [--sizes 32 128 256] [--rounds 3] [--steps 50] [--choices ...] [--out FILE]
 
 SD 1.5's UNet (its config, random weights: speed does not need trained ones) in a tiny
 pipeline, DDIM, one image with guidance. Prints, per size, seconds per call (median, min-max)
@@ -28,12 +28,12 @@ from fasterdiff.tools.tiny import sd15_unet, tiny_pipeline  # noqa: E402
 CHOICES = {"auto": "auto", "None (whole group)": None, "2 steps": 2, "4 steps": 4, "8 steps": 8, "16 steps": 16}
 
 
-def run(sizes, rounds: int, steps: int) -> list[str]:
+def run(sizes, rounds: int, steps: int, choices=tuple(CHOICES)) -> list[str]:
     pipe = tiny_pipeline(unet=sd15_unet())
     pipe.set_progress_bar_config(disable=True)
     lines = []
     for size in sizes:
-        fast = {name: fasterdiff.accelerate(pipe, key_steps="paper", max_batch=value) for name, value in CHOICES.items()}
+        fast = {name: fasterdiff.accelerate(pipe, key_steps="paper", max_batch=CHOICES[name]) for name in choices}
         seconds = {name: [] for name in fast}
         per_call = {}
         for r in range(rounds + 1):  # round 0 warms up
@@ -61,10 +61,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--rounds", type=int, default=3, choices=range(1, 21), metavar="1-20")
     parser.add_argument("--steps", type=int, default=50, choices=range(2, 101), metavar="2-100")
+    parser.add_argument("--choices", nargs="+", default=list(CHOICES), choices=list(CHOICES), metavar="CHOICE",
+                        help=f"max_batch rows to time (default: all of {', '.join(CHOICES)})")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "auto-batching-cpu.md"))
     args = parser.parse_args(argv)
-    lines = run(args.sizes, args.rounds, args.steps)
+    lines = run(args.sizes, args.rounds, args.steps, args.choices)
     command = "python benchmarks/auto_batching.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(__file__).resolve().parent / "results" / "auto-batching-cpu.md"
+    out = Path(args.out)
     out.write_text(f"# max_batch choices on this CPU\n\n`{command.strip()}` ({torch.get_num_threads()} threads, "
                    f"{args.rounds} interleaved rounds after a warm-up)\n" + "\n".join(lines) + "\n")
     print(f"wrote {out}")

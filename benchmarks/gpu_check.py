@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import fasterdiff  # noqa: E402
 from fasterdiff.tools.bench.harness import deepcache  # noqa: E402
-from fasterdiff.tools.calibrate import PLANS_FILE_NAME  # noqa: E402
+from fasterdiff.calibrate import PLANS_FILE_NAME  # noqa: E402
 from fasterdiff.samplers import make_scheduler  # noqa: E402
 from fasterdiff.tools.standin import PIPELINE_DIR  # noqa: E402
 from fasterdiff.tools.tiny import sd15_unet, tiny_pipeline  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import fasterdiff  # noqa: E402
 from fasterdiff.samplers import SAMPLER_NAMES, make_scheduler  # noqa: E402
-from fasterdiff.tools import metrics  # noqa: E402
+from fasterdiff import metrics  # noqa: E402
 from fasterdiff.tools.standin import PIPELINE_DIR, data, require, score  # noqa: E402
 
 STRENGTHS = (0.0, 0.003, 0.01, 0.02, 0.05, 0.1)

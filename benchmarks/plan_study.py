@@ -2,7 +2,7 @@
 
     python benchmarks/plan_study.py [--sampler DDIM] [--steps 50] [--pairs 90] [--out benchmarks/results]
 
-Calibration (fasterdiff.tools.calibrate) searches key-step positions, replay and linear forecasts
+Calibration (fasterdiff.calibrate) searches key-step positions, replay and linear forecasts
 (full and damped by half). This study measures three further ideas against that grid's own
 families at DeepCache's key steps (every 3rd and every 5th step), so that a reader can see
 why calibration does not search them:
@@ -21,7 +21,7 @@ with the library's default noise injection, against stock without it, as calibra
 Per plan: UNet FLOPs relative to stock (counted on the model), UNet calls, PSNR against
 stock's images (pooled, mean, worst) and prompt accuracy by the stand-in's classifier with
 the pairs gained and lost against stock (McNemar's p). GPU time is not modelled here: the
-cost model (fasterdiff/tools/cost.py) was measured for branch 0 only. Writes
+cost model (fasterdiff/cost.py) was measured for branch 0 only. Writes
 ``plan-study-SAMPLER-STEPS.{md,json}`` to ``--out``.
 """
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fasterdiff  # noqa: E402
-from fasterdiff.tools import calibrate, cost  # noqa: E402
+from fasterdiff import calibrate, cost  # noqa: E402
 from fasterdiff import unet as unet_layout  # noqa: E402
 from fasterdiff.tools.bench.fidelity import paired_comparison  # noqa: E402
 from fasterdiff.plan import ReusePlan, deep_plan_from_keys  # noqa: E402

@@ -5,7 +5,7 @@ call, 1 and 4 images per prompt, DDIM-50 (or --sampler/--steps), interleaved rou
         [--pipeline text-to-image|img2img|controlnet]
 
 Compares stock, DeepCache intervals 3 and 5, fasterdiff's paper plan, deep plans with a
-forecast, auto and the calibrated plan of the deepcache-5 level (see fasterdiff.tools.calibrate).
+forecast, auto and the calibrated plan of the deepcache-5 level (see fasterdiff.calibrate).
 ``--pipeline img2img``: diffusers' img2img pipeline on the stand-in at strength 0.6 (from a
 stock image of another prompt); ``controlnet``: a ControlNet copied from the stand-in's UNet
 (diffusers' ``from_unet``; random output convolutions: speed does not need trained weights),

@@ -26,6 +26,7 @@ from .pipeline import (  # noqa: E402
     Settings,
     accelerate,
 )
+from . import on_the_spot  # noqa: E402, F401  (calibrate=True: it hooks itself into the pipeline)
 from .plan import ReusePlan, deep_plan, encoder_plan  # noqa: E402
 from .reuse import RunStats  # noqa: E402
 from .samplers import SAMPLER_NAMES  # noqa: E402

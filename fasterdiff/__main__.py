@@ -250,25 +250,30 @@ def _add_calibrate(sub) -> None:
                    help="the noise injection the plans are measured with, 0-0.02 as the predictor takes (default: the library's, 0.003)")
     c.add_argument("--size", type=_in_range(32, 1024, multiple=8), default=None, help="image size, 32-1024, a multiple of 8 (default: the model's native size)")
     c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
+    c.add_argument("--quick", action="store_true",
+                   help="race the candidates, fastest first, on up to 24 pairs, dropping each as soon as it falls behind, "
+                        "instead of sampling each on every pair: 1/7 to 1/8 of the sampling, without the greedy key-step "
+                        "search (benchmarks/results/quick-calibration-standin.md); what calibration on the spot runs")
     c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")
 
 
 def _calibrate(args) -> int:
-    from .tools import calibrate, calibration_report
-    from .tools.standin import data, is_standin
+    from . import calibrate
+    from .tools import calibration_report
+    from .tools.standin import is_standin
     from .weights import load_pipeline, weights_dir
 
     folder = Path(args.weights or weights_dir())
     pipe = load_pipeline(folder, local_files_only=True)
     standin = is_standin(folder)
     count = args.pairs or (24 if standin else 32)
-    prompts, seeds = data.calibration_pairs(count) if standin else calibrate.sd_pairs(count)
+    prompts, seeds = calibrate.pairs_for(folder, count)  # the stand-in keeps its own prompts beside its weights
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch = args.batch or (len(prompts) if pipe.device.type == "cpu" else 4)
     setting = calibrate.Setting(
         args.sampler, args.steps, args.guidance_scale, size, size, prompts, seeds, batch, args.noise_injection
     )
-    entry = calibrate.calibrate(pipe, setting, weights=str(folder))
+    entry = calibrate.calibrate(pipe, setting, weights=str(folder), mode="quick" if args.quick else "full")
     out = Path(args.out) if args.out else folder / calibrate.PLANS_FILE_NAME
     calibrate.write_entry(out, entry)
     stem = out.with_suffix("")

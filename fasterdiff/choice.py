@@ -1,6 +1,6 @@
 """Which plan ``key_steps="auto"`` (and ``"auto-fast"``) runs, and why.
 
-Calibration (:mod:`fasterdiff.tools.calibrate`) measures candidate plans against stock
+Calibration (:mod:`fasterdiff.calibrate`) measures candidate plans against stock
 sampling on a model and records, per sampler and step count, the fastest plan that meets
 each *level*: ``auto`` (the library's default) at least DeepCache interval 3's fidelity
 and at least :data:`AUTO_MIN_PSNR` pooled PSNR; ``deepcache-3`` and ``deepcache-5`` at

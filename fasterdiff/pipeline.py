@@ -69,7 +69,7 @@ class Settings:
     Important:
       key_steps: "auto" (the fastest plan calibrated on this model whose images are at
         least as close to stock's as DeepCache interval 3's and within the floor; see
-        :mod:`fasterdiff.tools.calibrate`), "auto-fast" (the same at DeepCache interval 5's
+        :mod:`fasterdiff.calibrate`), "auto-fast" (the same at DeepCache interval 5's
         level), "paper" (the paper's non-uniform schedule), "off" (plain sampling), an
         int k >= 2 (every k-th step) or a sequence of 0-based steps starting with 0: the
         steps where the encoder computes. A :class:`fasterdiff.plan.ReusePlan` is used
@@ -102,6 +102,13 @@ class Settings:
         (paper: 500 of 1000, i.e. the second half).
       plans: the plan file "auto" reads (default: fasterdiff_plans.json beside the
         weights the pipeline was loaded from).
+      calibrate: where "auto" finds no plan for a run's sampler and step count, calibrate
+        one on the spot (the quick search of :mod:`fasterdiff.calibrate`) and keep it: a
+        one-time cost of some hundreds of sampled images at the model's native size
+        (minutes for SD 1.5 on a GPU; 54 s for DDIM-50 on the 32 px stand-in on 2 CPU
+        cores), then every run with that sampler and step count reads it. Kept in
+        ``plans``, else beside the weights where writable, else in a cache folder named
+        by the weights (see :mod:`fasterdiff.on_the_spot`).
     """
 
     key_steps: object = defaults.KEY_STEPS
@@ -114,6 +121,7 @@ class Settings:
     forecast: int = defaults.FORECAST
     plans: str | None = None  # the plan file "auto" reads
     cache_interval: int | None = None
+    calibrate: bool = False
 
     def __post_init__(self):
         self._spell_deep()
@@ -151,6 +159,8 @@ class Settings:
             raise ValueError(
                 f"noise_injection_start must be a timestep in [0, 1000], got {self.noise_injection_start!r}"
             )
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate must be True or False, got {self.calibrate!r}")
 
     def _spell_deep(self) -> None:
         """``cache_interval=k`` means DeepCache (reuse="deep"); the old spelling, an int
@@ -203,6 +213,17 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+
+# What ``calibrate=True`` calls: fasterdiff.on_the_spot sets it when imported (fasterdiff's
+# __init__ imports it). It builds on this module (calibration samples with accelerated
+# pipelines), so this module does not import it.
+_PLAN_MAKER: list = [None]
+
+
+def set_plan_maker(maker) -> None:
+    """``maker(pipe, plans, scheduler, num_inference_steps, guidance_scale)`` returns the plan
+    file a ``calibrate=True`` run reads, after making its entry where missing."""
+    _PLAN_MAKER[0] = maker
 
 
 def _is_real(x) -> bool:
@@ -264,6 +285,9 @@ class _Accelerated:
         if sampler is not None:
             check_sampler(sampler)
         scheduler = self.scheduler if sampler is None else make_scheduler(sampler, self.scheduler.config)
+        if settings.calibrate and is_auto(settings.key_steps):
+            settings = self._calibrated_here(settings, scheduler, call_args)
+            started = time.perf_counter()  # the run's time, not the calibration's
         run, state = self._prepare_run(settings, scheduler, call_args)
 
         kwargs = dict(bound.arguments)
@@ -292,13 +316,23 @@ class _Accelerated:
     def _settings_for_call(self, kwargs: dict) -> Settings:
         """This pipeline's settings with the call's :class:`Settings` keywords (taken out of ``kwargs``)."""
         overrides = {k: kwargs.pop(k) for k in SETTING_NAMES if k in kwargs}
-        if overrides.get("plans") is not None:
+        if overrides.get("plans") is not None and not overrides.get("calibrate", self.settings.calibrate):
             check_plans_file(overrides["plans"])
+        if "plans" in overrides or "calibrate" in overrides:
+            self._spot_files = {}  # where on-the-spot calibration keeps its plans: found again
         if "key_steps" in overrides and "cache_interval" not in overrides:  # one of the two says the key steps
             overrides.update(cache_interval=None, reuse=overrides.get("reuse", defaults.REUSE))
         elif "cache_interval" in overrides and "key_steps" not in overrides:
             overrides["key_steps"] = None
         return dataclasses.replace(self.settings, **overrides)
+
+    def _calibrated_here(self, settings: Settings, scheduler, call_args: dict) -> Settings:
+        """``calibrate=True``: the settings reading the plan file on-the-spot calibration keeps
+        (see :func:`fasterdiff.on_the_spot.plan_file_for_run`, which may calibrate first)."""
+        default = str(default_plans_file(self))
+        given = settings.plans if settings.plans != default else None  # the default: not given
+        path = _PLAN_MAKER[0](self, given, scheduler, call_args["num_inference_steps"], call_args["guidance_scale"])
+        return dataclasses.replace(settings, plans=str(path))
 
     def _prepare_run(self, settings: Settings, scheduler, call_args: dict) -> tuple[Run, _CallState]:
         """The plan for the evaluations this call will make, as a :class:`Run`, and the call's state."""
@@ -546,6 +580,7 @@ def accelerate(
     plans: str | os.PathLike | None = None,
     compile: bool | dict = False,
     cache_interval: int | None = None,
+    calibrate: bool = False,
 ):
     """An accelerated pipeline sharing ``pipe``'s components; ``pipe`` is left as it was.
 
@@ -561,12 +596,12 @@ def accelerate(
     calls compile; warm up before timing.
     """
     if plans is None:
-        plans = default_plans_file(pipe)  # may not exist: auto then runs the paper's key steps
-    else:
+        plans = None if calibrate else default_plans_file(pipe)  # may not exist: auto then runs the paper's key steps
+    elif not calibrate:  # a plan file calibration on the spot will write may not exist yet
         check_plans_file(plans)
     settings = Settings(
         key_steps, parallel, max_batch, noise_injection, noise_injection_start, reuse, branch, forecast,
-        None if plans is None else str(plans), cache_interval,
+        None if plans is None else str(plans), cache_interval, calibrate,
     )
     if pipe.unet is not None:  # a text-encoder-only pipeline still encodes prompts
         check_supported(pipe.unet)
@@ -599,5 +634,6 @@ def accelerate(
         fast._pad_sizes = AUTO_CHUNK_SIZES[1:]
     fast._fasterdiff_state = None
     fast._said = set()  # auto's reasons already logged
+    fast._spot_files, fast._spot_tried = {}, set()  # calibrate=True: its plan file per kind of run, and what it tried (fasterdiff.on_the_spot)
     fast.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return fast

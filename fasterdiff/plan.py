@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import schedule
 from . import unet as unet_layout
@@ -76,7 +77,7 @@ class ReusePlan:
         start = self.num_steps - count
         return ReusePlan((frozenset(),) + self.replay[start + 1 :], self.forecast[start:], self.damping[start:])
 
-    @property
+    @cached_property  # read at every evaluation: worked out once per plan
     def history(self) -> int:
         """How many past computations of a module the plan reads (order + 1)."""
         return 1 + max(o for o, r in zip(self.forecast, self.replay) if r) if self.cached_modules else 1
@@ -85,21 +86,21 @@ class ReusePlan:
     def num_steps(self) -> int:
         return len(self.replay)
 
-    @property
+    @cached_property
     def key_steps(self) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.replay) if not r)
 
-    @property
+    @cached_property
     def cached_modules(self) -> frozenset[str]:
         """Every module some step replays: what a key step must keep."""
         return frozenset().union(*self.replay)
 
-    @property
+    @cached_property
     def groups(self) -> list[range]:
         """Each key step with the non-key steps that follow it, in order."""
         return schedule.groups(self.key_steps, self.num_steps)
 
-    @property
+    @cached_property
     def batchable(self) -> bool:
         """Whether every group can run as one batch: its non-key steps read no latent
         and replay the same modules (a batched module computes on the key rows only)."""

@@ -3,7 +3,7 @@ count (``fasterdiff_plans.json`` beside the weights by default).
 
 Read once per file and kept while the file is unchanged (its modification time and size),
 so ``key_steps="auto"`` costs no parsing per call; written by ``python -m fasterdiff
-calibrate`` (:mod:`fasterdiff.tools.calibrate`).
+calibrate`` (:mod:`fasterdiff.calibrate`).
 """
 
 from __future__ import annotations

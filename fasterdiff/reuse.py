@@ -120,6 +120,8 @@ class Run:
     cache: dict = field(default_factory=dict)  # module name -> [(timestep, output)] of its last computations
     control: dict = field(default_factory=dict)  # ControlNet index -> (scale, down residuals, mid residual)
     control_blocks: dict = field(default_factory=dict)  # (ControlNet index, block name) -> its last output
+    deltas: dict = field(default_factory=dict)  # module name -> previous minus last kept output (linear forecasts)
+    live: dict = field(default_factory=dict)  # replayed set -> those of its modules whose outputs are read
 
     def __post_init__(self):
         if self.parallel and not self.plan.batchable:
@@ -144,6 +146,8 @@ class ReuseExecutor:
         self.shape: tuple | None = None  # the current run's sample (shape, device, dtype)
         self.device: torch.device | None = None
         self._wrappers: dict[tuple[int, str], Callable] = {}
+        self._memo: dict = {}
+        self.base = None  # the UNet of the current run (under torch.compile's wrapper)
 
     # -- installing -----------------------------------------------------------------
 
@@ -182,8 +186,11 @@ class ReuseExecutor:
         history = run.cache.setdefault(name, [])
         if run.keep_copies:
             out = _map_tensors(out, torch.clone)
-        history.append((float(run.timesteps()[ev.first]), out))
+        if "time" not in self._memo:  # one read of the timestep per evaluation, not per module
+            self._memo["time"] = float(run.timesteps()[ev.first])
+        history.append((self._memo["time"], out))
         del history[: -run.plan.history]
+        run.deltas.pop(name, None)
 
     @torch.compiler.disable
     def _replayed(self, name: str, ev: _Evaluation):
@@ -192,20 +199,42 @@ class ReuseExecutor:
         history = run.cache.get(name)
         if not history:
             raise RuntimeError(f"reuse plan replays {name!r} before any step computed it")
-        times = [t for t, _ in history]
+        weights, last_only = self._weights(tuple(t for t, _ in history))
+        if last_only or name not in self._live(ev.replay):  # no module that computes reads a dead one's output
+            return _repeat_rows(history[-1][1], ev.steps)
+        if len(history) == 2 and len(weights) == 1:  # one step, linear: last + w * (previous - last)
+            delta = run.deltas.get(name)
+            if delta is None:
+                delta = run.deltas[name] = _zip_map(_difference, [history[0][1], history[1][1]])
+            return _zip_map(lambda last, d: last if d is None else torch.add(last, d, alpha=weights[0][0]), [history[1][1], delta])
+        return _weighted_rows([out for _, out in history], weights)
+
+    def _live(self, replay: frozenset[str]) -> frozenset[str]:
+        """The replayed modules whose outputs a computing module reads (:func:`fasterdiff.unet.live_outputs`), once per run and set."""
+        live = self.run.live.get(replay)
+        if live is None:
+            live = self.run.live[replay] = unet_layout.live_outputs(self.base, replay)
+        return live
+
+    def _weights(self, times: tuple[float, ...]) -> tuple[list[list[float]], bool]:
+        """Each row's forecast weights over kept computations at ``times`` (the same for every
+        module of the evaluation: worked out once), and whether all take the last one as it is."""
+        memo = self._memo.get(times)
+        if memo is not None:
+            return memo
+        run, ev = self.run, self.evaluation
         timesteps = run.timesteps()
+        last = [0.0] * (len(times) - 1) + [1.0]
         weights = []
         for step in range(ev.first, ev.first + ev.real):
             if ev.fresh and step == ev.first:  # the key step's own rows: what it just computed
-                weights.append([0.0] * (len(times) - 1) + [1.0])
+                weights.append(last)
             else:
                 order, damping = run.plan.forecast[step], run.plan.damping[step]
                 weights.append(forecast_weights(times, float(timesteps[step]), order, damping))
         weights += [weights[-1]] * (ev.steps - ev.real)  # padding rows: discarded
-        last_only = [0.0] * (len(times) - 1) + [1.0]
-        if all(w == last_only for w in weights):
-            return _repeat_rows(history[-1][1], ev.steps)
-        return _weighted_rows([out for _, out in history], weights)
+        memo = self._memo[times] = (weights, all(w == last for w in weights))
+        return memo
 
     # -- the UNet view's call -------------------------------------------------------
 
@@ -281,6 +310,7 @@ class ReuseExecutor:
         if steps > 1 and run.pad_sizes:
             padded = min(s for s in run.pad_sizes if s >= steps)
         self.evaluation = _Evaluation(replay=replay, first=i, real=steps, steps=padded, rows=rows, fresh=fresh)
+        self._memo = {}  # what every replayed module of this evaluation shares (see _weights, _keep)
         measure = run.steps_per_call == "auto" and not _memory_known(self)
         if measure:
             before = torch.cuda.memory_allocated(self.device)
@@ -374,7 +404,7 @@ class _Installed:
         except BaseException:
             self._restore()
             raise
-        ex.run = self.run
+        ex.run, ex.base = self.run, self.base
         ex.shape = ex.device = None  # read at the first evaluation
         return self.run
 
@@ -386,6 +416,7 @@ class _Installed:
         self.run.cache.clear()  # cached features never outlive a call
         self.run.control.clear()
         self.run.control_blocks.clear()
+        self.run.deltas.clear()
         self._restore()
         return False
 
@@ -464,6 +495,13 @@ def _repeat_rows(obj, times: int):
     if times == 1:
         return obj
     return _map_tensors(obj, lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t)
+
+
+def _difference(previous, last):
+    """``previous - last`` of a tensor leaf; None for what a forecast passes through (non-tensors, scalars)."""
+    if not isinstance(last, torch.Tensor) or not last.dim():
+        return None
+    return previous - last
 
 
 def _weighted_rows(outputs: list, weights: list[list[float]]):

@@ -11,6 +11,7 @@ once, and the library checks those (key steps against its sampler's step count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -22,11 +23,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-from . import defaults
+from . import defaults, on_the_spot
 from .choice import AUTO_KEY_STEPS
 from .defaults import BOUNDS, KEY_STEP_MODES, MAX_PROMPT_CHARS, MAX_SEED, OUTPUT_FORMATS  # noqa: F401  (the service's API)
 from .inputs import init_and_mask
 from .pipeline import accelerate
+from .plan_file import entry_key
 from .samplers import SAMPLER_NAMES, make_scheduler, sampler_timesteps
 from .reuse import RunStats, is_out_of_memory
 from .schedule import parse_step_list
@@ -335,6 +337,25 @@ class Generator:
             torch.cuda.synchronize(self.device)
         return base, time.perf_counter() - start
 
+    def calibrate(self, sampler: str = defaults.SAMPLER, steps: int = defaults.NUM_INFERENCE_STEPS,
+                  budget_s: float | None = None) -> bool:
+        """Calibrate auto's plan for ``sampler`` at ``steps`` on the spot where no plan file has
+        one (:mod:`fasterdiff.on_the_spot`), and have every pipeline read the file it went to.
+        Whether a calibrated entry is there now."""
+        fast = self.fast[True]
+        key = entry_key(sampler, steps)
+        path = on_the_spot.plans_file_for(fast, None, key)  # beside the weights, else the cache
+        scheduler = make_scheduler(sampler, self.base_scheduler_config)
+        there = on_the_spot.has_entry(path, key)
+        if there:
+            logging.getLogger("fasterdiff").info("calibration on the spot: %s already in %s", key, path)
+        else:
+            there = on_the_spot.calibrate_here(fast, scheduler, steps, path, defaults.GUIDANCE_SCALE, budget_s) is not None
+        if there:
+            for pipe in [*self.fast.values(), *self.editing.values()]:
+                pipe.settings = dataclasses.replace(pipe.settings, plans=str(path))
+        return there
+
     def warm_up(self) -> float:
         """One default request at the native size, thrown away: the first real prediction
         does not pay for CUDA start-up or compiling. Returns its seconds."""
@@ -380,6 +401,20 @@ def env_flag(name: str, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment; unset: ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {os.environ[name]!r}")
+    return seconds
 
 
 # torch.compile modes FASTERDIFF_COMPILE may name; "reduce-overhead" and "max-autotune" use CUDA graphs

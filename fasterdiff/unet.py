@@ -74,6 +74,60 @@ def deep_modules(unet, branch: int) -> tuple[str, ...]:
     return tuple(names)
 
 
+def live_outputs(unet, replayed: frozenset[str]) -> frozenset[str]:
+    """The replayed modules whose output a module that computes reads, at a step that replays
+    ``replayed``. The others' outputs only feed other replayed modules (under DeepCache-style
+    plans, everything but the last replayed layer on the way up): their values never reach
+    the noise prediction, so they need not be forecast.
+
+    Follows the data of a UNet2DConditionModel: the main path through ``conv_in``, each down
+    block's layers (resnet, then attention) and downsampler, the mid block, each up block's
+    layers and upsampler; and the skip connections, each down layer's (and ``conv_in``'s and
+    each downsampler's) output read by the up block resnet that mirrors it."""
+    path, skips = [], []  # atoms in execution order; the atoms whose outputs the skip connections carry
+    path.append("conv_in")
+    skips.append("conv_in")
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for j in range(len(block.resnets)):
+            path.append(f"down_blocks.{i}.resnets.{j}")
+            if j < len(attentions):
+                path.append(f"down_blocks.{i}.attentions.{j}")
+            skips.append(path[-1])
+        for j in range(len(block.downsamplers or [])):
+            path.append(f"down_blocks.{i}.downsamplers.{j}")
+            skips.append(path[-1])
+    if unet.mid_block is not None:
+        path.append("mid_block")
+    readers = {}  # skip producer -> the up resnet that reads it
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for j in range(len(block.resnets)):
+            path.append(f"up_blocks.{i}.resnets.{j}")
+            if skips:
+                readers[skips.pop()] = path[-1]
+            if j < len(attentions):
+                path.append(f"up_blocks.{i}.attentions.{j}")
+        for j in range(len(block.upsamplers or [])):
+            path.append(f"up_blocks.{i}.upsamplers.{j}")
+    path.append("conv_norm_out")  # computes at every step
+
+    def owner(atom: str) -> str | None:
+        return next((r for r in replayed if atom == r or atom.startswith(r + ".")), None)
+
+    live = set()
+    for here, after in zip(path, path[1:]):
+        r = owner(here)
+        if r is not None and owner(after) != r and owner(after) is None:
+            live.add(r)  # the main path leaves r into a module that computes
+    for producer, reader in readers.items():
+        r = owner(producer)
+        if r is not None and owner(reader) is None:
+            live.add(r)
+    unknown = {r for r in replayed if not any(a == r or a.startswith(r + ".") for a in path)}
+    return frozenset(live | unknown)  # a module this map does not know: treated as read
+
+
 def reads_latent(replayed: frozenset[str] | set[str]) -> bool:
     """Whether a step that replays these modules still reads its own latent."""
     return "conv_in" not in replayed

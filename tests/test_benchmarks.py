@@ -105,7 +105,7 @@ def test_fidelity_benchmark_quick_run(tmp_path):
     assert (images[seq] - images[par]).abs().max() < 1e-3
     assert rows[seq]["encoder_calls"] == 4 and rows[seq]["decoder_steps"] == 6 and rows[par]["decoder_steps"] == 6
     gpu = {k: rows[k]["gpu_seconds_modelled"] for k in (par, seq, "stock diffusers")}
-    assert gpu[par] < gpu[seq] < gpu["stock diffusers"] == pytest.approx(6 * fasterdiff.tools.cost.GPU_SECONDS[1]["full"])
+    assert gpu[par] < gpu[seq] < gpu["stock diffusers"] == pytest.approx(6 * fasterdiff.cost.GPU_SECONDS[1]["full"])
     assert 0.5 < rows[seq]["unet_cost"] < 1.0 and rows[seq]["unet_cost"] == pytest.approx(rows[par]["unet_cost"], rel=1e-6)
     reuse = rows["control: reuse whole noise prediction, paper key steps"]
     assert reuse["encoder_calls"] == 4 and reuse["decoder_steps"] == 4

@@ -8,7 +8,7 @@ import torch
 
 import fasterdiff
 from fasterdiff import choice, plan_file
-from fasterdiff.tools import calibrate
+from fasterdiff import calibrate
 from fasterdiff.tools.standin import data as standin_data
 from fasterdiff.samplers import make_scheduler
 from fasterdiff.tools.tiny import tiny_pipeline
@@ -274,3 +274,36 @@ def test_the_standin_plans_run_on_sd15s_unet_layout():
             plan = fasterdiff.ReusePlan.from_json(row["plan"])
             plan.check_modules(sd15)
             assert plan.cached_modules == frozenset(fasterdiff.unet.deep_modules(sd15, 0))
+
+
+def test_quick_search_races_the_grid_and_judges_its_picks_on_every_pair(calibrated, monkeypatch):
+    pipe, setting, full, _ = calibrated
+    monkeypatch.setattr(calibrate, "QUICK_STAGES", (1, 2, 3))
+    quick = calibrate.calibrate(pipe, setting, progress=False, mode="quick")
+    assert quick["search"]["mode"] == "quick" and full["search"]["mode"] == "full"
+    assert 0 < quick["search"]["pair_samples"] < full["search"]["pair_samples"]
+    assert quick["search"]["sampled_unet_evaluations"] == quick["search"]["pair_samples"] * 8
+    rows = {r["name"]: r for r in quick["plans"]}
+    full_rows = {r["name"]: r for r in full["plans"]}
+    assert "refined" not in " ".join(rows)  # no greedy removals
+    for r in rows.values():
+        judged = r["judged_on"] == "all"
+        assert judged == (r["pairs"] == 3) and (r["meets"] == [] or judged)
+        if judged:  # the same plan on the same pairs: what the full search measured
+            assert r["psnr_pooled"] == pytest.approx(full_rows[r["name"]]["psnr_pooled"], abs=0.05)
+    for level, bar in quick["levels"].items():
+        assert bar["psnr_pooled"] == pytest.approx(full["levels"][level]["psnr_pooled"], abs=0.05)
+        if bar["plan"] is None:
+            continue
+        pick = rows[bar["plan"]]
+        assert pick["judged_on"] == "all" and level in pick["meets"]
+        # nothing faster was judged to meet the level: the race stops at its first
+        assert not any(level in r["meets"] and r["gpu_seconds_1_image"] < pick["gpu_seconds_1_image"] for r in rows.values())
+
+
+def test_a_calibration_past_its_deadline_stops(calibrated):
+    pipe, setting, _, _ = calibrated
+    with pytest.raises(calibrate.OutOfTime, match="stopped after"):
+        calibrate.calibrate(pipe, setting, progress=False, mode="quick", deadline=0.0)
+    with pytest.raises(ValueError, match="calibration mode 'fast'"):
+        calibrate.calibrate(pipe, setting, progress=False, mode="fast")

@@ -72,3 +72,24 @@ def test_forecast_with_pndm_and_a_bad_order(pipe):
     assert np.isfinite(out.images).all() and out.stats.num_steps == 10
     with pytest.raises(ValueError, match="forecast"):
         fasterdiff.accelerate(pipe, forecast=3)
+
+
+@pytest.mark.parametrize("branch", [0, 1, 3])
+def test_only_outputs_a_computing_module_reads_are_forecast_and_the_image_is_unchanged(pipe, branch, monkeypatch):
+    from fasterdiff import reuse, unet
+
+    plan = fasterdiff.deep_plan(pipe.unet, 3, 10, branch=branch).with_forecast(1, 0.5)
+    live = unet.live_outputs(pipe.unet, plan.cached_modules)
+    assert len(live) == 1 and live < plan.cached_modules  # DeepCache's plans: one replayed output reaches the shallow path
+    fast = fasterdiff.accelerate(pipe)
+    fast.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=10, height=64, width=64, output_type="latent", key_steps=plan)
+    pruned = fast("a cat", generator=gen(0), **kw).images
+    forecasts = []
+    real = reuse._zip_map
+    monkeypatch.setattr(reuse.ReuseExecutor, "_live", lambda self, replay: replay)  # forecast every replayed output
+    monkeypatch.setattr(reuse, "_zip_map", lambda fn, s: forecasts.append(1) or real(fn, s))
+    every = fast("a cat", generator=gen(0), **kw).images
+    assert forecasts and torch.equal(pruned, every)
+    encoder = frozenset(unet.encoder_modules(pipe.unet))
+    assert unet.live_outputs(pipe.unet, encoder) == encoder  # the decoder reads every encoder output

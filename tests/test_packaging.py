@@ -158,7 +158,8 @@ def test_wheel_holds_every_module_and_data_file_of_the_package(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     package = src / "fasterdiff"
     expected = {f"fasterdiff/{p.relative_to(package).as_posix()}" for p in package.rglob("*") if p.is_file()}
-    assert {"fasterdiff/tools/bench/speed.py", "fasterdiff/tools/standin/data.py", "fasterdiff/tools/configs/sd15_unet.json"} <= expected
+    assert {"fasterdiff/tools/bench/speed.py", "fasterdiff/tools/standin/data.py", "fasterdiff/tools/configs/sd15_unet.json",
+            "fasterdiff/calibration_prompts.txt"} <= expected
     assert sorted(expected - shipped) == []
 
 

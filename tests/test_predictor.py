@@ -339,3 +339,23 @@ def test_a_failed_predictions_error_is_our_message_under_cogs_prefix(server):
     assert prefix and set(prefix.split("Prediction failed: ")) == {""}, prefix
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"`error` reads `{prefix}{ours}`" in readme
+
+
+def test_setup_calibrates_within_its_budget_and_a_bad_budget_fails_setup(weights):
+    # asked for on the CPU (the default is on a GPU only); a budget that runs out at once: the paper's plan
+    srv = CogServer(weights, extra_env={"FASTERDIFF_CALIBRATE": "1", "FASTERDIFF_CALIBRATION_BUDGET": "0.001"})
+    try:
+        health = srv.wait_setup()
+    finally:
+        srv.stop()
+    assert health["status"] == "READY", health
+    logs = health["setup"]["logs"]
+    assert "calibration on the spot: DDIM-50 on" in logs and "budget 0.001 s" in logs, logs
+    assert re.search(r"stopped after \d+ s, \d+ images sampled; auto runs the paper's key steps for DDIM-50", logs), logs
+    bad = CogServer(weights, extra_env={"FASTERDIFF_CALIBRATE": "1", "FASTERDIFF_CALIBRATION_BUDGET": "soon"})
+    try:
+        health = bad.wait_setup()
+    finally:
+        bad.stop()
+    assert health["status"] == "SETUP_FAILED"
+    assert "FASTERDIFF_CALIBRATION_BUDGET must be a positive number of seconds, got 'soon'" in health["setup"]["logs"]

@@ -12,7 +12,7 @@ from cog_server import ROOT, running
 from PIL import Image
 
 import fasterdiff
-from fasterdiff.tools import metrics
+from fasterdiff import metrics
 from fasterdiff.tools.standin import CLASSIFIER_FILE, HELDOUT_FILE, PIPELINE_DIR, STANDIN_DIR, data, score
 from fasterdiff.tools.tiny import SD15_SCHEDULER_CONFIG
 

@@ -18,6 +18,7 @@ def markdown(entry: dict) -> str:
         f"{len(entry['plans'])} plans measured. Fidelity: PSNR against stock's images, pooled (that of the mean "
         f"squared error over the pairs), with the mean and the worst image's. 'refined': found by the greedy "
         f"key-step search, judged on the held-out two thirds of the pairs.",
+        *([f"Search: {search['mode']} ({search['how']}); {search['pair_samples']} images sampled."] if (search := entry.get("search")) else []),
         "",
         "| level | must reach (pooled dB) | runs |",
         "|---|---|---|",
@@ -64,7 +65,7 @@ def plot(entry: dict, path: str | os.PathLike) -> bool:
     auto = entry["levels"].get("auto")
     if auto:
         ax.axhline(auto["psnr_pooled"], color="grey", ls="--", lw=1, label="auto's bar")
-    ax.set_xlabel("modelled GPU speedup vs stock, one image (calls-and-time model, fasterdiff/tools/cost.py)")
+    ax.set_xlabel("modelled GPU speedup vs stock, one image (calls-and-time model, fasterdiff/cost.py)")
     ax.set_ylabel("pooled PSNR vs stock's images, dB")
     ax.set_title(f"calibration, {entry['sampler']}-{entry['steps']}")
     ax.legend(fontsize=7)

@@ -37,10 +37,9 @@ from tqdm.auto import tqdm
 
 import fasterdiff
 
-from ... import choice, schedule
+from ... import calibrate, choice, cost, metrics, schedule
 from ...plan import ReusePlan
 from ...samplers import DETERMINISTIC_SAMPLERS, make_scheduler
-from .. import calibrate, cost, metrics
 from ..standin import STANDIN_DIR, data, require, score
 from .harness import Method, count_passes, deepcache, installed, tome
 
@@ -118,7 +117,7 @@ def build_methods(pipe, cfg: Config, base_config) -> list[Method]:
     scheduler = make_scheduler(cfg.sampler, base_config)
 
     def modelled(**settings) -> float:
-        """Modelled GPU seconds of one image (fasterdiff.tools.cost) with these settings."""
+        """Modelled GPU seconds of one image (fasterdiff.cost) with these settings."""
         s, _ = dataclasses.replace(fast.settings, **settings).without_auto(scheduler, n, pipe.unet, n)
         plan = s.plan(pipe.unet, n)
         return cost.gpu_seconds(plan, plan.batchable if s.parallel is None else s.parallel, deep=s.reuse == "deep")

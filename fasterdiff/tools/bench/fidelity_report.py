@@ -82,7 +82,7 @@ def _flops_x(rows: list[dict]):
 
 
 def _gpu_x(rows: list[dict]):
-    """Speedup in modelled GPU time, one image (fasterdiff.tools.cost: calls and batched steps
+    """Speedup in modelled GPU time, one image (fasterdiff.cost: calls and batched steps
     timed on an H200); None where a method has no model (ToMe)."""
     stock = rows[0].get("gpu_seconds_modelled")
     return lambda row: stock / row["gpu_seconds_modelled"] if stock and row.get("gpu_seconds_modelled") else None
@@ -90,7 +90,7 @@ def _gpu_x(rows: list[dict]):
 
 AXES = (
     (_flops_x, "speedup vs stock in UNet FLOPs (1 / FLOPs ratio)"),
-    (_gpu_x, "modelled GPU speedup vs stock, one image (fasterdiff/tools/cost.py, H200 timings)"),
+    (_gpu_x, "modelled GPU speedup vs stock, one image (fasterdiff/cost.py, H200 timings)"),
 )
 
 

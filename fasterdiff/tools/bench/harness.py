@@ -24,7 +24,7 @@ class Method:
     kind: str = "method"  # "stock", "method", "fewer steps", "eps reuse"
     steps: int = 0
     unet_cost: float | None = None  # FLOPs relative to stock
-    gpu_seconds: float | None = None  # fasterdiff.tools.cost's GPU model, one image (None: not modelled)
+    gpu_seconds: float | None = None  # fasterdiff.cost's GPU model, one image (None: not modelled)
     matches: list[str] = field(default_factory=list)  # fewer steps: the methods whose cost it matches
 
 

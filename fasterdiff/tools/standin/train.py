@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ...calibrate import PROMPTS_FILE_NAME
 from ..tiny import SD15_SCHEDULER_CONFIG, assemble
 from . import STANDIN_DIR, data, models
 
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     assemble(tok, text, vae, unet).save_pretrained(args.out / "pipeline")
+    # its own calibration prompts, which calibration on the spot reads beside the weights
+    (args.out / "pipeline" / PROMPTS_FILE_NAME).write_text("\n".join(data.calibration_pairs(90)[0]) + "\n")
     save_file(classifier.state_dict(), str(args.out / "classifier.safetensors"))
     np.savez_compressed(
         args.out / "heldout.npz",

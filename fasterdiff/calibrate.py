@@ -3,7 +3,7 @@ the frontier, and let ``key_steps="auto"`` pick from it.
 
 Every candidate samples the same calibration prompts from the same noise as stock; its
 fidelity is the PSNR of its images against stock's, its cost the UNet FLOPs (counted on
-this model) and the GPU time of :mod:`fasterdiff.tools.cost`'s model. Plans run with the noise
+this model) and the GPU time of :mod:`fasterdiff.cost`'s model. Plans run with the noise
 injection they will run with by default (``Setting.noise_injection``), against stock
 without it: the recorded PSNR is that of what ``auto`` runs.
 
@@ -28,31 +28,44 @@ resamples of the pairs (paired: plan and reference resampled together). Each lev
 fastest plan that meets it (the plan file names it): ``key_steps="auto"`` the ``auto``
 level's, ``key_steps="auto-fast"`` the ``deepcache-5`` level's.
 
+Two searches (``mode``): ``"full"`` samples every candidate on every pair, then the greedy
+search above. ``"quick"`` races the candidates per level from the fastest up on growing
+prefixes of the pairs (:data:`QUICK_STAGES`), drops each as soon as it falls
+:data:`QUICK_DROP_DB` behind the level's bar on the same pairs (or, from the second-last
+stage on, short of meeting it), and stops at the first that meets the level on all of them:
+slower candidates are never sampled. It has no greedy search (judged on few pairs, its
+removals kept plans that lost 3.6-7.9 dB on the full pairs). On the stand-in it samples 1/7
+to 1/8 of what the full search does (benchmarks/results/quick-calibration-standin.md).
+
 The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
-entry per sampler and step count: what it was calibrated on, every candidate with its
-fidelity and cost, the frontier marked, and the plan each level runs.
+entry per sampler and step count: what it was calibrated on and how (``search``: the mode,
+what it did, the images it sampled), every candidate measured with its fidelity, on how
+many pairs it was judged (``pairs``, ``judged_on``) and its confidence per level, its cost,
+the frontier marked, and the plan each level runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import defaults
-from ..choice import AUTO_MIN_PSNR, DEEPCACHE, LEVELS
-from ..pipeline import accelerate
-from ..plan import ReusePlan, deep_plan, deep_plan_from_keys, encoder_plan
-from ..plan_file import PLANS_FILE_NAME, entry_key, read_plans, write_entry  # noqa: F401  (the tool's API)
-from ..samplers import sampler_timesteps
-from . import cost
+from . import cost, defaults
+from .choice import AUTO_MIN_PSNR, DEEPCACHE, LEVELS
 from .metrics import pooled_psnr, psnr
+from .pipeline import accelerate
+from .plan import ReusePlan, deep_plan, deep_plan_from_keys, encoder_plan
+from .plan_file import PLANS_FILE_NAME, entry_key, read_plans, write_entry  # noqa: F401  (the tool's API)
+from .samplers import sampler_timesteps
 
 log = logging.getLogger("fasterdiff")
 
@@ -67,6 +80,14 @@ REFINE_ROUNDS = 3  # greedy key-step removals tried after the grid, per level
 # enough (the plan chosen would fall behind it on other pairs)
 LEVEL_CONFIDENCE = 0.8
 BOOTSTRAP_RESAMPLES = 2000
+# quick mode: the pairs it samples, the stages of its race, and how far below a level's bar (on
+# the same pairs) a plan may fall at a stage before it is dropped
+QUICK_STAGES = (1, 4, 8, 24)  # (2, 8, 16) and (2, 4, 8, 24): benchmarks/results/quick-calibration-standin.md
+QUICK_DROP_DB = 1.5
+# greedy removals judged on quick's pairs picked plans 3.6 and 7.9 dB below the level on the full
+# calibration's 24 pairs (stand-in, DDIM-50 auto, DPM-Solver++-20 auto): too few pairs to see the
+# rare image a removal wrecks; quick mode keeps the grid's plans
+QUICK_REFINE = False
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -193,21 +214,91 @@ class _Levels:
         return {level: round(self.confidence(level, values, pairs), 3) for level in self.names()}
 
 
-def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) -> dict:
-    """Measure every candidate plan against stock; the plan-file entry for ``setting``."""
+class OutOfTime(TimeoutError):
+    """Calibration reached its deadline before it was done."""
+
+
+class _Trials:
+    """Plans sampled on calibration pairs against stock's images: each (plan, pair) sampled
+    once, whatever asks for it, and the sampling counted."""
+
+    def __init__(self, stock, setting: Setting, deadline: float | None = None):
+        self.stock, self.setting, self.deadline = stock, setting, deadline
+        self.started = time.monotonic()
+        self.reference: dict[int, torch.Tensor] = {}  # stock's image of each pair sampled so far
+        self.pair_samples = 0  # stock's and every plan's
+        self.values: dict[str, dict[int, float]] = {}
+
+    def _sample(self, pairs: list[int], **kw) -> torch.Tensor:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime(f"stopped after {time.monotonic() - self.started:.0f} s, {self.pair_samples} images sampled")
+        self.pair_samples += len(pairs)
+        return sample_pairs(self.stock, _subset(self.setting, pairs), **kw)
+
+    def psnr(self, plan: ReusePlan, pairs=None) -> np.ndarray:
+        """Per-pair PSNR against stock of ``plan`` on ``pairs`` (default: all)."""
+        pairs = list(range(len(self.setting.prompts))) if pairs is None or pairs == slice(None) else list(pairs)
+        new = [i for i in pairs if i not in self.reference]
+        if new:
+            self.reference.update(zip(new, self._sample(new)))
+        known = self.values.setdefault(json.dumps(plan.to_json(), sort_keys=True), {})
+        missing = [i for i in pairs if i not in known]
+        if missing:
+            images = self._sample(missing, key_steps=plan, parallel=plan.batchable, noise_injection=self.setting.noise_injection)
+            reference = torch.stack([self.reference[i] for i in missing])
+            known.update(zip(missing, psnr(images, reference).tolist()))
+        return np.array([known[i] for i in pairs])
+
+    def measured(self, plan: ReusePlan) -> list[int]:
+        """The pairs ``plan`` was sampled on, in order."""
+        return sorted(self.values.get(json.dumps(plan.to_json(), sort_keys=True), {}))
+
+
+class _Sampled:
+    """A reference plan's per-pair PSNR, sampled on the pairs asked for when first asked."""
+
+    def __init__(self, trials: _Trials, plan: ReusePlan):
+        self.trials, self.plan = trials, plan
+
+    def __getitem__(self, pairs) -> np.ndarray:
+        return self.trials.psnr(self.plan, pairs)
+
+
+MODES = ("full", "quick")
+
+
+def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, mode: str = "full",
+              deadline: float | None = None) -> dict:
+    """Measure candidate plans against stock; the plan-file entry for ``setting``.
+
+    ``mode="full"`` samples every candidate on every pair; ``"quick"`` races them on the first
+    ``QUICK_STAGES[-1]`` pairs (see :func:`_race`), a fraction of the sampling. ``deadline``
+    (``time.monotonic()``): raise :class:`OutOfTime` at the first sampling after it."""
+    if mode not in MODES:
+        raise ValueError(f"calibration mode {mode!r}: one of {', '.join(MODES)}")
     if setting.noise_injection is None:
         setting = dataclasses.replace(setting, noise_injection=defaults.NOISE_INJECTION)
+    if mode == "quick":
+        setting = _subset(setting, list(range(min(QUICK_STAGES[-1], len(setting.prompts)))))
+    count = len(setting.prompts)
     stock = accelerate(pipe, key_steps="off", noise_injection=0)
     stock.set_progress_bar_config(disable=True)
-    reference = sample_pairs(stock, setting)
+    trials = _Trials(stock, setting, deadline)
     num_steps = len(sampler_timesteps(setting.sampler, pipe.scheduler.config, setting.steps))
     plans = candidates(pipe.unet, num_steps)
     flops = flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
     full = flops[frozenset()]
-    levels = _Levels({})
+    references = [(name, plan, reuse) for name, plan, reuse in plans if name in DEEPCACHE.values()]
+    if mode == "full":
+        trials.reference.update(zip(range(count), trials._sample(list(range(count)))))
+        levels = _Levels({name: trials.psnr(plan) for name, plan, _ in references})
+    else:
+        levels = _Levels({name: _Sampled(trials, plan) for name, plan, _ in references})
 
-    def row(name: str, plan: ReusePlan, reuse: str, values: np.ndarray, pairs=slice(None), judged_on="all") -> dict:
+    def row(name: str, plan: ReusePlan, reuse: str, values: np.ndarray, pairs: list[int] | None = None, judged_on="all") -> dict:
+        pairs = list(range(count)) if pairs is None else pairs
         confidence = levels.confidences(values, pairs)
+        judged = judged_on in ("all", "held-out")  # a plan dropped by the race meets no level
         return {
             "name": name,
             "reuse": reuse,
@@ -218,43 +309,41 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
             "psnr_mean": round(float(np.mean(values)), 3),
             "psnr_min": round(float(np.min(values)), 3),
             "judged_on": judged_on,
+            "pairs": len(pairs),
             "confidence": confidence,
-            "meets": [level for level, c in confidence.items() if c >= LEVEL_CONFIDENCE],
+            "meets": [level for level, c in confidence.items() if judged and c >= LEVEL_CONFIDENCE],
             "unet_flops": round(cost.flops_fraction(plan, full, flops), 4),
             "unet_calls": len(cost.unet_calls(plan, plan.batchable)),
-            "gpu_seconds_1_image": round(cost.gpu_seconds(plan, plan.batchable, 1, deep=reuse == "deep"), 4),
-            "gpu_seconds_4_images": round(cost.gpu_seconds(plan, plan.batchable, 4, deep=reuse == "deep"), 4),
+            "gpu_seconds_1_image": round(_gpu_seconds(plan, reuse, 1), 4),
+            "gpu_seconds_4_images": round(_gpu_seconds(plan, reuse, 4), 4),
             "plan": plan.to_json(),
         }
 
-    def measure(plan: ReusePlan, pairs: list[int] | None = None) -> np.ndarray:
-        on = setting if pairs is None else _subset(setting, pairs)
-        images = sample_pairs(stock, on, key_steps=plan, parallel=plan.batchable, noise_injection=setting.noise_injection)
-        return psnr(images, reference if pairs is None else reference[pairs])
-
-    measured = []
-    with tqdm(total=len(plans), desc="calibrating plans", unit="plan", disable=not progress) as bar:
-        for name, plan, reuse in plans:
-            measured.append((name, plan, reuse, measure(plan)))
-            bar.update()
-        levels.reference_values.update({name: v for name, _, _, v in measured if name in DEEPCACHE.values()})
-        rows = [row(*m) for m in measured]
-        # removals are screened on a third of the pairs and judged on the other two thirds, so that
-        # choosing the best of many removals does not flatter the plan it keeps
-        screen = list(range(0, len(setting.prompts), 3))
-        held_out = [i for i in range(len(setting.prompts)) if i not in screen]
+    with tqdm(total=len(plans) if mode == "full" else None, desc=f"calibrating plans ({mode})", unit="plan", disable=not progress) as bar:
+        if mode == "full":
+            rows = []
+            for name, plan, reuse in plans:
+                rows.append(row(name, plan, reuse, trials.psnr(plan)))
+                bar.update()
+            # removals are screened on a third of the pairs and judged on the other two thirds, so that
+            # choosing the best of many removals does not flatter the plan it keeps
+            screen = list(range(0, count, 3))
+        else:
+            rows = _race(plans, levels, trials, row, bar)
+            screen = list(range(QUICK_STAGES[0]))  # (QUICK_REFINE) removals screened on the first pairs, judged on the rest
+        held_out = [i for i in range(count) if i not in screen]
         searched = set()
-        for level in levels.names():
+        for level in levels.names() if mode == "full" or QUICK_REFINE else ():
             bars = (levels.bar(level), levels.bar(level, held_out))
             if bars not in searched:  # a level with the same bars as one searched: the same search
                 searched.add(bars)
-                rows += _refine(level, rows, pipe.unet, (screen, held_out), levels, measure, row, bar)
+                rows += _refine(level, rows, pipe.unet, (screen, held_out), levels, trials, row, bar, prune=mode == "quick")
     chosen = {}
     for level in levels.names():
         good = [r for r in rows if level in r["meets"]]
         if good:
             chosen[level] = min(good, key=lambda r: (r["gpu_seconds_1_image"], -r["psnr_pooled"]))["name"]
-    on_frontier = {id(r) for r in frontier(rows)}
+    on_frontier = {id(r) for r in frontier([r for r in rows if r["judged_on"] in ("all", "held-out")])}
     for r in rows:
         r["frontier"] = id(r) in on_frontier
         if not r["frontier"] and r["name"] not in chosen.values():
@@ -270,11 +359,17 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
             "noise_injection": setting.noise_injection,
             "height": setting.height,
             "width": setting.width,
-            "pairs": len(setting.prompts),
+            "pairs": count,
             "prompts": sorted(set(setting.prompts)),
             "seeds": sorted(set(setting.seeds)),
             "date": datetime.date.today().isoformat(),
             "gpu_model": cost.GPU_MODEL_SOURCE,
+        },
+        "search": {
+            "mode": mode,
+            "how": _search_note(mode),
+            "pair_samples": trials.pair_samples,
+            "sampled_unet_evaluations": trials.pair_samples * num_steps,
         },
         "stock": {
             "gpu_seconds_1_image": round(cost.gpu_seconds(stock_plan, False, 1), 4),
@@ -289,12 +384,64 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True) 
     }
 
 
+def _search_note(mode: str) -> str:
+    """What a search did, for the plan file."""
+    if mode == "full":
+        return "every candidate sampled on every pair; greedy removals screened on a third of the pairs, judged on the rest"
+    return (
+        f"candidates raced from the fastest up on the first {', '.join(map(str, QUICK_STAGES))} pairs: dropped when "
+        f"{QUICK_DROP_DB:g} dB below a level's bar on the same pairs or short of meeting it on {QUICK_STAGES[-2]} or more; "
+        f"a level's plan meets it on all {QUICK_STAGES[-1]}; no greedy removals"
+    )
+
+
+def _gpu_seconds(plan: ReusePlan, reuse: str, images: int) -> float:
+    return cost.gpu_seconds(plan, plan.batchable, images, deep=reuse == "deep")
+
+
 def _subset(setting: Setting, pairs: list[int]) -> Setting:
     return dataclasses.replace(setting, prompts=[setting.prompts[i] for i in pairs], seeds=[setting.seeds[i] for i in pairs])
 
 
-def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, measure, row, bar) -> list[dict]:
-    """Greedy key-step removal from the fastest plan that meets ``level`` (see the module doc)."""
+def _race(plans, levels: _Levels, trials: _Trials, row, bar) -> list[dict]:
+    """Quick mode's grid: per level, candidates from the fastest (modelled GPU time) up, each on
+    the first pairs of :data:`QUICK_STAGES` in turn: dropped as soon as it falls more than
+    :data:`QUICK_DROP_DB` below the level's bar on the same pairs, and kept when it meets the level
+    (with :data:`LEVEL_CONFIDENCE`) on all of them; the first kept is the level's, and slower
+    candidates are not sampled. The last stage checks a plan on pairs the others did not see:
+    few pairs miss the rare images a plan wrecks, which decide pooled PSNR."""
+    order = sorted(plans, key=lambda p: (_gpu_seconds(p[1], p[2], 1), p[0]))
+    count = len(trials.setting.prompts)
+    stages = sorted({min(n, count) for n in QUICK_STAGES})
+    searched = set()
+    for level in levels.names():
+        bars = tuple(levels.bar(level, list(range(n))) for n in stages[:-1])
+        if bars in searched:
+            continue
+        searched.add(bars)
+        for _, plan, _ in order:
+            for n in stages:
+                pairs = list(range(n))
+                values = trials.psnr(plan, pairs)
+                bar.update()
+                if n < count and pooled_psnr(values) < levels.bar(level, pairs) - QUICK_DROP_DB:
+                    break
+                if n >= stages[max(0, len(stages) - 2)] and levels.confidence(level, values, pairs) < LEVEL_CONFIDENCE:
+                    break
+            else:
+                break
+    rows = []
+    for name, plan, reuse in plans:
+        pairs = trials.measured(plan)
+        if pairs:
+            judged = "all" if len(pairs) == count else f"first {len(pairs)} pairs (dropped)"
+            rows.append(row(name, plan, reuse, trials.psnr(plan, pairs), pairs, judged_on=judged))
+    return rows
+
+
+def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: _Trials, row, bar, prune=False) -> list[dict]:
+    """Greedy key-step removal from the fastest plan that meets ``level`` (see the module doc);
+    ``prune``: stop when no removal comes within :data:`QUICK_DROP_DB` of the bar on the screening pairs."""
     good = [r for r in rows if level in r["meets"] and r["judged_on"] == "all"]
     if not good:
         return []
@@ -307,14 +454,17 @@ def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, measure,
         keys = plan.key_steps
         if len(keys) <= 2:
             break
-        trials = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
-        bar.total += len(trials) + 1
+        trials_ = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
+        if bar.total is not None:
+            bar.total += len(trials_) + 1
         scores = []
-        for trial in trials:
-            scores.append(pooled_psnr(measure(trial, screen)))
+        for trial in trials_:
+            scores.append(pooled_psnr(trials.psnr(trial, screen)))
             bar.update()
-        best = trials[int(np.argmax(scores))]
-        values = measure(best, held_out)
+        best = trials_[int(np.argmax(scores))]
+        if prune and max(scores) < levels.bar(level, screen) - QUICK_DROP_DB:
+            break
+        values = trials.psnr(best, held_out)
         bar.update()
         if levels.confidence(level, values, held_out) < LEVEL_CONFIDENCE:
             break
@@ -337,10 +487,23 @@ def flops_per_kind(pipe, setting: Setting, kinds: set[frozenset]) -> dict[frozen
 
 
 CALIBRATION_SEED = 1000  # calibration pairs use seeds from here on: benchmarks score seeds 0, 1, 2, ...  (as the stand-in's)
+PROMPTS_FILE_NAME = "calibration_prompts.txt"  # beside the weights: the model's own calibration prompts
 
 
 def sd_pairs(count: int = 32) -> tuple[list[str], list[int]]:
-    """SD 1.5's calibration pairs: the prompts of calibration_prompts.txt, one seed each."""
-    text = resources.files(__package__).joinpath("calibration_prompts.txt").read_text()
-    prompts = [p for p in text.splitlines() if p.strip()][:count]
+    """SD 1.5's calibration pairs: the prompts of the package's calibration_prompts.txt, one seed each."""
+    return _pairs(resources.files(__package__).joinpath(PROMPTS_FILE_NAME).read_text(), count)
+
+
+def pairs_for(folder, count: int = 32) -> tuple[list[str], list[int]]:
+    """The calibration pairs of the weights in ``folder``: the prompts of its own
+    calibration_prompts.txt (one per line) where it has one, else SD 1.5's."""
+    own = Path(folder) / PROMPTS_FILE_NAME if folder else None
+    if own is not None and own.is_file():
+        return _pairs(own.read_text(), count)
+    return sd_pairs(count)
+
+
+def _pairs(text: str, count: int) -> tuple[list[str], list[int]]:
+    prompts = [p.strip() for p in text.splitlines() if p.strip()][:count]
     return prompts, [CALIBRATION_SEED + i for i in range(len(prompts))]

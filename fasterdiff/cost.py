@@ -27,7 +27,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..plan import ReusePlan
+from .plan import ReusePlan
 
 _FULL_1, _FULL_4 = 1.393 / 50, 1.962 / 50
 GPU_SECONDS = {
@@ -71,7 +71,7 @@ def gpu_seconds(plan: ReusePlan, parallel: bool, images: int = 1, deep: bool = F
 @torch.no_grad()
 def step_flops(unet, replay: frozenset[str], sample: torch.Tensor, timestep, encoder_hidden_states) -> int:
     """FLOPs of one UNet evaluation that replays ``replay`` (empty: a whole evaluation)."""
-    from ..reuse import ReuseExecutor, Run, UNetView
+    from .reuse import ReuseExecutor, Run, UNetView
 
     replay = frozenset(replay)
     plan = ReusePlan((frozenset(), replay))

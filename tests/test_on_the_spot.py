@@ -129,3 +129,13 @@ def test_the_service_calibrates_its_default_run_and_all_its_pipelines_read_it(st
     for fast in [*generator.fast.values(), *generator.editing.values()]:
         assert fast.settings.plans == str(path)
     assert generator.calibrate(sampler="DDIM", steps=STEPS)  # already there: no second search
+
+
+def test_a_read_only_weights_folder_with_the_entry_is_read_there_and_without_it_the_cache_is_used(standin_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv(on_the_spot.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(on_the_spot.os, "access", lambda path, mode: False)  # as a Cog image's weights/ may be
+    shutil.copy(PIPELINE_DIR / plan_file.PLANS_FILE_NAME, standin_copy / plan_file.PLANS_FILE_NAME)  # DDIM-50 calibrated
+    fast = fasterdiff.accelerate(_load(standin_copy), calibrate=True)
+    beside = standin_copy / plan_file.PLANS_FILE_NAME
+    assert on_the_spot.plans_file_for(fast, None, "DDIM-50") == beside
+    assert on_the_spot.plans_file_for(fast, None, f"DDIM-{STEPS}").parent.parent == tmp_path / "cache" / "plans"

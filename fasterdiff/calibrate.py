@@ -84,10 +84,6 @@ BOOTSTRAP_RESAMPLES = 2000
 # the same pairs) a plan may fall at a stage before it is dropped
 QUICK_STAGES = (1, 4, 8, 24)  # (2, 8, 16) and (2, 4, 8, 24): benchmarks/results/quick-calibration-standin.md
 QUICK_DROP_DB = 1.5
-# greedy removals judged on quick's pairs picked plans 3.6 and 7.9 dB below the level on the full
-# calibration's 24 pairs (stand-in, DDIM-50 auto, DPM-Solver++-20 auto): too few pairs to see the
-# rare image a removal wrecks; quick mode keeps the grid's plans
-QUICK_REFINE = False
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -328,16 +324,15 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, 
             # removals are screened on a third of the pairs and judged on the other two thirds, so that
             # choosing the best of many removals does not flatter the plan it keeps
             screen = list(range(0, count, 3))
-        else:
+            held_out = [i for i in range(count) if i not in screen]
+            searched = set()
+            for level in levels.names():
+                bars = (levels.bar(level), levels.bar(level, held_out))
+                if bars not in searched:  # a level with the same bars as one searched: the same search
+                    searched.add(bars)
+                    rows += _refine(level, rows, pipe.unet, (screen, held_out), levels, trials, row, bar)
+        else:  # no greedy removals (module doc)
             rows = _race(plans, levels, trials, row, bar)
-            screen = list(range(QUICK_STAGES[0]))  # (QUICK_REFINE) removals screened on the first pairs, judged on the rest
-        held_out = [i for i in range(count) if i not in screen]
-        searched = set()
-        for level in levels.names() if mode == "full" or QUICK_REFINE else ():
-            bars = (levels.bar(level), levels.bar(level, held_out))
-            if bars not in searched:  # a level with the same bars as one searched: the same search
-                searched.add(bars)
-                rows += _refine(level, rows, pipe.unet, (screen, held_out), levels, trials, row, bar, prune=mode == "quick")
     chosen = {}
     for level in levels.names():
         good = [r for r in rows if level in r["meets"]]
@@ -439,9 +434,8 @@ def _race(plans, levels: _Levels, trials: _Trials, row, bar) -> list[dict]:
     return rows
 
 
-def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: _Trials, row, bar, prune=False) -> list[dict]:
-    """Greedy key-step removal from the fastest plan that meets ``level`` (see the module doc);
-    ``prune``: stop when no removal comes within :data:`QUICK_DROP_DB` of the bar on the screening pairs."""
+def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: _Trials, row, bar) -> list[dict]:
+    """Greedy key-step removal from the fastest plan that meets ``level`` (see the module doc)."""
     good = [r for r in rows if level in r["meets"] and r["judged_on"] == "all"]
     if not good:
         return []
@@ -455,15 +449,12 @@ def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: 
         if len(keys) <= 2:
             break
         trials_ = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
-        if bar.total is not None:
-            bar.total += len(trials_) + 1
+        bar.total += len(trials_) + 1
         scores = []
         for trial in trials_:
             scores.append(pooled_psnr(trials.psnr(trial, screen)))
             bar.update()
         best = trials_[int(np.argmax(scores))]
-        if prune and max(scores) < levels.bar(level, screen) - QUICK_DROP_DB:
-            break
         values = trials.psnr(best, held_out)
         bar.update()
         if levels.confidence(level, values, held_out) < LEVEL_CONFIDENCE:

@@ -30,7 +30,7 @@ from .samplers import DETERMINISTIC_SAMPLERS, make_scheduler, sampler_name
 log = logging.getLogger("fasterdiff")
 
 CACHE_ENV = "FASTERDIFF_CACHE"
-PAIRS = 24  # the calibration pairs on-the-spot calibration draws from (the quick search samples the first 16)
+PAIRS = 24  # the calibration pairs on-the-spot calibration draws from (the quick search's last stage uses all)
 
 
 def cache_dir() -> Path:
@@ -123,7 +123,8 @@ def calibrate_here(pipe, scheduler, num_inference_steps: int, path: str | os.Pat
     return entry
 
 
-def plan_file_for_run(pipe, plans, scheduler, num_inference_steps: int, guidance_scale: float) -> Path:
+def plan_file_for_run(pipe, plans, scheduler, num_inference_steps: int, guidance_scale: float,
+                      budget_s: float | None = None) -> Path:
     """The plan file a ``calibrate=True`` run of the accelerated ``pipe`` reads (``plans``: the one
     it was given, else None), after calibrating its sampler and step count there where it has no
     entry for them: once per pipeline and kind of run (where that cannot be done, auto runs the
@@ -134,7 +135,7 @@ def plan_file_for_run(pipe, plans, scheduler, num_inference_steps: int, guidance
         path = pipe._spot_files[key] = plans_file_for(pipe, plans, key)
     if key not in pipe._spot_tried and not has_entry(path, key):
         pipe._spot_tried.add(key)
-        calibrate_here(pipe, scheduler, num_inference_steps, path, guidance_scale=guidance_scale)
+        calibrate_here(pipe, scheduler, num_inference_steps, path, guidance_scale, budget_s)
     return path
 
 

@@ -343,14 +343,9 @@ class Generator:
         one (:mod:`fasterdiff.on_the_spot`), and have every pipeline read the file it went to.
         Whether a calibrated entry is there now."""
         fast = self.fast[True]
-        key = entry_key(sampler, steps)
-        path = on_the_spot.plans_file_for(fast, None, key)  # beside the weights, else the cache
         scheduler = make_scheduler(sampler, self.base_scheduler_config)
-        there = on_the_spot.has_entry(path, key)
-        if there:
-            logging.getLogger("fasterdiff").info("calibration on the spot: %s already in %s", key, path)
-        else:
-            there = on_the_spot.calibrate_here(fast, scheduler, steps, path, defaults.GUIDANCE_SCALE, budget_s) is not None
+        path = on_the_spot.plan_file_for_run(fast, None, scheduler, steps, defaults.GUIDANCE_SCALE, budget_s)
+        there = on_the_spot.has_entry(path, entry_key(sampler, steps))
         if there:
             for pipe in [*self.fast.values(), *self.editing.values()]:
                 pipe.settings = dataclasses.replace(pipe.settings, plans=str(path))

@@ -148,12 +148,17 @@ def test_setup_warms_up_and_says_how_long_it_took(server):
     assert re.search(r"warm-up: \d+\.\d s \(compile: False\)", logs), logs
 
 
-def test_a_bad_setting_in_the_environment_fails_setup_naming_it(weights):
-    srv = CogServer(weights, extra_env={"FASTERDIFF_COMPILE": "fast"})
+def _setup_health(weights, env: dict) -> dict:
+    """The health check after a server's setup with ``env`` (the server stopped)."""
+    srv = CogServer(weights, extra_env=env)
     try:
-        health = srv.wait_setup()
+        return srv.wait_setup()
     finally:
         srv.stop()
+
+
+def test_a_bad_setting_in_the_environment_fails_setup_naming_it(weights):
+    health = _setup_health(weights, {"FASTERDIFF_COMPILE": "fast"})
     assert health["status"] == "SETUP_FAILED"
     assert "FASTERDIFF_COMPILE must be 1/true/yes/on, 0/false/no/off or a torch.compile mode" in health["setup"]["logs"]
     assert "got 'fast'" in health["setup"]["logs"]
@@ -351,10 +356,6 @@ def test_setup_calibrates_within_its_budget_and_a_bad_budget_fails_setup(weights
     assert status == 200 and body["status"] == "succeeded", body
     assert "running the paper's key steps" in body["logs"], body["logs"]
     assert not (weights / "fasterdiff_plans.json").exists()  # nothing half-calibrated was kept
-    bad = CogServer(weights, extra_env={"FASTERDIFF_CALIBRATE": "1", "FASTERDIFF_CALIBRATION_BUDGET": "soon"})
-    try:
-        health = bad.wait_setup()
-    finally:
-        bad.stop()
+    health = _setup_health(weights, {"FASTERDIFF_CALIBRATE": "1", "FASTERDIFF_CALIBRATION_BUDGET": "soon"})
     assert health["status"] == "SETUP_FAILED"
     assert "FASTERDIFF_CALIBRATION_BUDGET must be a positive number of seconds, got 'soon'" in health["setup"]["logs"]

@@ -2,11 +2,12 @@
 scored on the same pairs, and what each search sampled.
 
     python benchmarks/quick_calibration.py [--runs DDIM-50 DPM-Solver++-20] [--pairs 24]
-        [--held-out 24] [--out benchmarks/results]
+        [--held-out 24] [--out benchmarks/results] [--full-from JSON] [--stages 1,2,4,8,12,24]
+        [--drop DB] [--confident-from N] [--screen N] [--natural-order]
 
 Per sampler and step count: the full calibration (every candidate on all ``--pairs`` pairs)
-and the quick one (:func:`fasterdiff.calibrate.calibrate` with ``mode="quick"``, on the first
-8 of the same pairs), with the library's default noise injection. Then each level's pick of
+and the quick one (:func:`fasterdiff.calibrate.calibrate` with ``mode="quick"``, on the same
+pairs; its knobs can be set to measure variants), with the library's default noise injection. Then each level's pick of
 both is sampled on the full calibration's pairs and on ``--held-out`` further pairs (other
 prompts, other seeds) and scored by pooled PSNR against stock on them; speed is the GPU-time
 model's for one image (the one calibration ranks by). Cost: the pairs each search sampled
@@ -115,10 +116,19 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--full-from", help="take the full calibrations from this earlier result JSON (same pairs) instead of running them")
     parser.add_argument("--stages", help="quick mode's race stages, e.g. 2,8,24 (default: fasterdiff.calibrate.QUICK_STAGES)")
+    parser.add_argument("--drop", type=float, help="dB below a level's bar that drops a raced plan (default: QUICK_DROP_DB)")
+    parser.add_argument("--confident-from", type=int, help="pairs from which a raced plan must meet its level (default: QUICK_CONFIDENT_FROM)")
+    parser.add_argument("--screen", type=int, help="hardest pairs each key-step removal is screened on (default: QUICK_SCREEN)")
+    parser.add_argument("--natural-order", action="store_true", help="race on the pairs in their order, not hardest first")
     args = parser.parse_args()
     require()
     if args.stages:
         calibrate.QUICK_STAGES = tuple(int(n) for n in args.stages.split(","))
+    for name, value in (("QUICK_DROP_DB", args.drop), ("QUICK_CONFIDENT_FROM", args.confident_from), ("QUICK_SCREEN", args.screen)):
+        if value is not None:
+            setattr(calibrate, name, value)
+    if args.natural_order:
+        calibrate._hardest_first = lambda levels: list(range(len(next(iter(levels.reference_values.values())))))
     earlier = {}
     if args.full_from:
         earlier = {f"{r['sampler']}-{r['steps']}": r for r in json.loads(Path(args.full_from).read_text())}

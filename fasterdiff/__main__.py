@@ -251,9 +251,9 @@ def _add_calibrate(sub) -> None:
     c.add_argument("--size", type=_in_range(32, 1024, multiple=8), default=None, help="image size, 32-1024, a multiple of 8 (default: the model's native size)")
     c.add_argument("--batch", type=_in_range(1, 64), default=None, help="pairs per sampling call (default: all on CPU, 4 on CUDA)")
     c.add_argument("--quick", action="store_true",
-                   help="race the candidates, fastest first, on up to 24 pairs, dropping each as soon as it falls behind, "
-                        "instead of sampling each on every pair: 1/7 to 1/8 of the sampling, without the greedy key-step "
-                        "search (benchmarks/results/quick-calibration-standin.md); what calibration on the spot runs")
+                   help="race the candidates, fastest first, on up to 24 pairs (hardest first), dropping each as soon as it "
+                        "falls behind, then screen key-step removals from each pick: 1/7 to 1/8.5 of the full search's sampling "
+                        "(benchmarks/results/quick-calibration-standin.md); what calibration on the spot runs")
     c.add_argument("--out", help="plan file (default: WEIGHTS/fasterdiff_plans.json); a .md table and a .png plot go beside it")
 
 

@@ -29,13 +29,16 @@ fastest plan that meets it (the plan file names it): ``key_steps="auto"`` the ``
 level's, ``key_steps="auto-fast"`` the ``deepcache-5`` level's.
 
 Two searches (``mode``): ``"full"`` samples every candidate on every pair, then the greedy
-search above. ``"quick"`` races the candidates per level from the fastest up on growing
-prefixes of the pairs (:data:`QUICK_STAGES`), drops each as soon as it falls
-:data:`QUICK_DROP_DB` behind the level's bar on the same pairs (or, from the second-last
-stage on, short of meeting it), and stops at the first that meets the level on all of them:
-slower candidates are never sampled. It has no greedy search (judged on few pairs, its
-removals kept plans that lost 3.6-7.9 dB on the full pairs). On the stand-in it samples 1/7
-to 1/8 of what the full search does (benchmarks/results/quick-calibration-standin.md).
+search above. ``"quick"`` samples stock and the reference plans on every pair first, and orders
+the pairs hardest first (those the references reproduce worst: where a plan is likely to fall
+behind). Per level, it races the candidates from the fastest up on growing prefixes of that
+order (:data:`QUICK_STAGES`), drops each as soon as it falls :data:`QUICK_DROP_DB` behind the
+level's bar on the same pairs or, from :data:`QUICK_CONFIDENT_FROM` pairs on, short of meeting it,
+and takes the first that meets the level on all of them: slower candidates are never sampled.
+Then greedy removals from that pick: each removal screened on the :data:`QUICK_SCREEN` hardest
+pairs, the best raced like a candidate, kept while it meets the level on all pairs. On the
+stand-in it samples 1/7 to 1/8.5 of what the full search does
+(benchmarks/results/quick-calibration-standin.md).
 
 The plan file (JSON, ``fasterdiff_plans.json`` beside the weights by default) holds one
 entry per sampler and step count: what it was calibrated on and how (``search``: the mode,
@@ -82,8 +85,10 @@ LEVEL_CONFIDENCE = 0.8
 BOOTSTRAP_RESAMPLES = 2000
 # quick mode: the pairs it samples, the stages of its race, and how far below a level's bar (on
 # the same pairs) a plan may fall at a stage before it is dropped
-QUICK_STAGES = (1, 4, 8, 24)  # (2, 8, 16) and (2, 4, 8, 24): benchmarks/results/quick-calibration-standin.md
-QUICK_DROP_DB = 1.5
+QUICK_STAGES = (1, 2, 4, 8, 12, 24)  # other stages tried: benchmarks/results/quick-calibration-standin.md
+QUICK_DROP_DB = 0.5
+QUICK_CONFIDENT_FROM = 4  # pairs from which a raced plan must meet the level with LEVEL_CONFIDENCE
+QUICK_SCREEN = 1  # pairs each key-step removal is screened on before the best is raced
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -250,16 +255,6 @@ class _Trials:
         return sorted(self.values.get(json.dumps(plan.to_json(), sort_keys=True), {}))
 
 
-class _Sampled:
-    """A reference plan's per-pair PSNR, sampled on the pairs asked for when first asked."""
-
-    def __init__(self, trials: _Trials, plan: ReusePlan):
-        self.trials, self.plan = trials, plan
-
-    def __getitem__(self, pairs) -> np.ndarray:
-        return self.trials.psnr(self.plan, pairs)
-
-
 MODES = ("full", "quick")
 
 
@@ -285,11 +280,8 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, 
     flops = flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
     full = flops[frozenset()]
     references = [(name, plan, reuse) for name, plan, reuse in plans if name in DEEPCACHE.values()]
-    if mode == "full":
-        trials.reference.update(zip(range(count), trials._sample(list(range(count)))))
-        levels = _Levels({name: trials.psnr(plan) for name, plan, _ in references})
-    else:
-        levels = _Levels({name: _Sampled(trials, plan) for name, plan, _ in references})
+    trials.reference.update(zip(range(count), trials._sample(list(range(count)))))
+    levels = _Levels({name: trials.psnr(plan) for name, plan, _ in references})
 
     def row(name: str, plan: ReusePlan, reuse: str, values: np.ndarray, pairs: list[int] | None = None, judged_on="all") -> dict:
         pairs = list(range(count)) if pairs is None else pairs
@@ -331,8 +323,8 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, 
                 if bars not in searched:  # a level with the same bars as one searched: the same search
                     searched.add(bars)
                     rows += _refine(level, rows, pipe.unet, (screen, held_out), levels, trials, row, bar)
-        else:  # no greedy removals (module doc)
-            rows = _race(plans, levels, trials, row, bar)
+        else:
+            rows = _race(plans, levels, trials, _hardest_first(levels), pipe.unet, row, bar)
     chosen = {}
     for level in levels.names():
         good = [r for r in rows if level in r["meets"]]
@@ -384,9 +376,10 @@ def _search_note(mode: str) -> str:
     if mode == "full":
         return "every candidate sampled on every pair; greedy removals screened on a third of the pairs, judged on the rest"
     return (
-        f"candidates raced from the fastest up on the first {', '.join(map(str, QUICK_STAGES))} pairs: dropped when "
-        f"{QUICK_DROP_DB:g} dB below a level's bar on the same pairs or short of meeting it on {QUICK_STAGES[-2]} or more; "
-        f"a level's plan meets it on all {QUICK_STAGES[-1]}; no greedy removals"
+        f"pairs ordered hardest first (worst reproduced by the reference plans); candidates raced from the fastest up "
+        f"on the first {', '.join(map(str, QUICK_STAGES))} of them: dropped when {QUICK_DROP_DB:g} dB below a level's "
+        f"bar on the same pairs or short of meeting it on {QUICK_CONFIDENT_FROM} or more; a level's plan meets it on all "
+        f"{QUICK_STAGES[-1]}; greedy removals from it screened on the {QUICK_SCREEN} hardest, the best raced the same way"
     )
 
 
@@ -398,40 +391,82 @@ def _subset(setting: Setting, pairs: list[int]) -> Setting:
     return dataclasses.replace(setting, prompts=[setting.prompts[i] for i in pairs], seeds=[setting.seeds[i] for i in pairs])
 
 
-def _race(plans, levels: _Levels, trials: _Trials, row, bar) -> list[dict]:
-    """Quick mode's grid: per level, candidates from the fastest (modelled GPU time) up, each on
-    the first pairs of :data:`QUICK_STAGES` in turn: dropped as soon as it falls more than
-    :data:`QUICK_DROP_DB` below the level's bar on the same pairs, and kept when it meets the level
-    (with :data:`LEVEL_CONFIDENCE`) on all of them; the first kept is the level's, and slower
-    candidates are not sampled. The last stage checks a plan on pairs the others did not see:
-    few pairs miss the rare images a plan wrecks, which decide pooled PSNR."""
-    order = sorted(plans, key=lambda p: (_gpu_seconds(p[1], p[2], 1), p[0]))
-    count = len(trials.setting.prompts)
+def _hardest_first(levels: _Levels) -> list[int]:
+    """The calibration pairs, those the reference plans reproduce worst (mean PSNR) first: where
+    a plan is likely to fall behind, so a race sees it on its first pairs."""
+    mean = np.mean([np.asarray(v, dtype=np.float64) for v in levels.reference_values.values()], axis=0)
+    return [int(i) for i in np.argsort(mean, kind="stable")]
+
+
+def _runs_race(plan: ReusePlan, level: str, order: list[int], levels: _Levels, trials: _Trials, bar, start: int = 0) -> bool:
+    """Whether ``plan`` meets ``level`` on every pair, sampled on the growing prefixes of ``order``
+    of :data:`QUICK_STAGES` (from stage ``start``): False as soon as it falls more than
+    :data:`QUICK_DROP_DB` below the level's bar on the same pairs, or, from
+    :data:`QUICK_CONFIDENT_FROM` pairs on, short of meeting it with :data:`LEVEL_CONFIDENCE`."""
+    count = len(order)
     stages = sorted({min(n, count) for n in QUICK_STAGES})
+    for n in stages[start:]:
+        pairs = order[:n]
+        values = trials.psnr(plan, pairs)
+        bar.update()
+        if n < count and pooled_psnr(values) < levels.bar(level, pairs) - QUICK_DROP_DB:
+            return False
+        if n >= min(QUICK_CONFIDENT_FROM, count) and levels.confidence(level, values, pairs) < LEVEL_CONFIDENCE:
+            return False
+    return True
+
+
+def _race(plans, levels: _Levels, trials: _Trials, order: list[int], unet, row, bar) -> list[dict]:
+    """Quick mode's search: per level, grid candidates from the fastest (modelled GPU time) up,
+    each raced (:func:`_runs_race`) on the pairs hardest first (``order``); the first that meets
+    the level on all of them is refined by :func:`_quick_refine`; slower candidates are not
+    sampled. The last stage checks a plan on pairs the others did not see: few pairs miss the
+    rare images a plan wrecks, which decide pooled PSNR."""
+    candidates_ = sorted(plans, key=lambda p: (_gpu_seconds(p[1], p[2], 1), p[0]))
+    count = len(order)
     searched = set()
+    refined: list[tuple[str, ReusePlan, str]] = []
     for level in levels.names():
-        bars = tuple(levels.bar(level, list(range(n))) for n in stages[:-1])
+        bars = tuple(levels.bar(level, order[:n]) for n in sorted(set(QUICK_STAGES)))  # the same bars: the same race
         if bars in searched:
             continue
         searched.add(bars)
-        for _, plan, _ in order:
-            for n in stages:
-                pairs = list(range(n))
-                values = trials.psnr(plan, pairs)
-                bar.update()
-                if n < count and pooled_psnr(values) < levels.bar(level, pairs) - QUICK_DROP_DB:
-                    break
-                if n >= stages[max(0, len(stages) - 2)] and levels.confidence(level, values, pairs) < LEVEL_CONFIDENCE:
-                    break
-            else:
+        for name, plan, reuse in candidates_:
+            if _runs_race(plan, level, order, levels, trials, bar):
+                refined += _quick_refine(level, plan, reuse, order, levels, trials, unet, bar)
                 break
+    grid = {json.dumps(plan.to_json(), sort_keys=True) for _, plan, _ in plans}
+    refined = [r for r in refined if json.dumps(r[1].to_json(), sort_keys=True) not in grid]  # already a row
     rows = []
-    for name, plan, reuse in plans:
-        pairs = trials.measured(plan)
+    for name, plan, reuse in plans + refined:
+        measured = set(trials.measured(plan))
+        pairs = [i for i in order if i in measured]
         if pairs:
-            judged = "all" if len(pairs) == count else f"first {len(pairs)} pairs (dropped)"
+            judged = "all" if len(pairs) == count else f"{len(pairs)} hardest pairs (dropped)"
             rows.append(row(name, plan, reuse, trials.psnr(plan, pairs), pairs, judged_on=judged))
     return rows
+
+
+def _quick_refine(level: str, plan: ReusePlan, reuse: str, order: list[int], levels: _Levels, trials: _Trials, unet, bar) -> list:
+    """Quick mode's key-step removals from a level's pick: every removal screened on the first
+    :data:`QUICK_SCREEN` pairs of ``order`` (the hardest), the best raced on all of them like a
+    candidate; kept while it meets the level, for up to :data:`REFINE_ROUNDS` rounds."""
+    out = []
+    screen = min(QUICK_SCREEN, len(order))
+    start = sum(1 for n in sorted(set(QUICK_STAGES)) if n <= screen)  # stages the screen covered
+    for _ in range(REFINE_ROUNDS):
+        keys = plan.key_steps
+        if len(keys) <= 2:
+            break
+        trials_ = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
+        scores = [pooled_psnr(trials.psnr(t, order[:screen])) for t in trials_]
+        best = trials_[int(np.argmax(scores))]
+        if not _runs_race(best, level, order, levels, trials, bar, start=start):
+            break
+        plan = best
+        name = f"{reuse} {len(plan.key_steps)} keys refined for {level}, {_forecast_name(plan.forecast[-1], plan.damping[-1])}"
+        out.append((name, plan, reuse))
+    return out
 
 
 def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: _Trials, row, bar) -> list[dict]:

@@ -105,7 +105,7 @@ class Settings:
       calibrate: where "auto" finds no plan for a run's sampler and step count, calibrate
         one on the spot (the quick search of :mod:`fasterdiff.calibrate`) and keep it: a
         one-time cost of some hundreds of sampled images at the model's native size
-        (minutes for SD 1.5 on a GPU; 54 s for DDIM-50 on the 32 px stand-in on 2 CPU
+        (minutes for SD 1.5 on a GPU; 46 s for DDIM-50 on the 32 px stand-in on 2 CPU
         cores), then every run with that sampler and step count reads it. Kept in
         ``plans``, else beside the weights where writable, else in a cache folder named
         by the weights (see :mod:`fasterdiff.on_the_spot`).

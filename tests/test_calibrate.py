@@ -279,17 +279,23 @@ def test_the_standin_plans_run_on_sd15s_unet_layout():
 def test_quick_search_races_the_grid_and_judges_its_picks_on_every_pair(calibrated, monkeypatch):
     pipe, setting, full, _ = calibrated
     monkeypatch.setattr(calibrate, "QUICK_STAGES", (1, 2, 3))
+    monkeypatch.setattr(calibrate, "QUICK_CONFIDENT_FROM", 2)
     quick = calibrate.calibrate(pipe, setting, progress=False, mode="quick")
     assert quick["search"]["mode"] == "quick" and full["search"]["mode"] == "full"
     assert 0 < quick["search"]["pair_samples"] < full["search"]["pair_samples"]
     assert quick["search"]["sampled_unet_evaluations"] == quick["search"]["pair_samples"] * 8
+    assert "hardest first" in quick["search"]["how"]
     rows = {r["name"]: r for r in quick["plans"]}
     full_rows = {r["name"]: r for r in full["plans"]}
-    assert "refined" not in " ".join(rows)  # no greedy removals
+    for name in calibrate.DEEPCACHE.values():  # the references: sampled on every pair first
+        assert rows[name]["judged_on"] == "all"
     for r in rows.values():
         judged = r["judged_on"] == "all"
         assert judged == (r["pairs"] == 3) and (r["meets"] == [] or judged)
-        if judged:  # the same plan on the same pairs: what the full search measured
+        if "refined" in r["name"]:  # a removal is kept only where it meets its level on every pair
+            level = r["name"].split("refined for ")[1].split(",")[0]
+            assert judged and level in r["meets"]
+        elif judged:  # the same plan on the same pairs: what the full search measured
             assert r["psnr_pooled"] == pytest.approx(full_rows[r["name"]]["psnr_pooled"], abs=0.05)
     for level, bar in quick["levels"].items():
         assert bar["psnr_pooled"] == pytest.approx(full["levels"][level]["psnr_pooled"], abs=0.05)
@@ -297,8 +303,36 @@ def test_quick_search_races_the_grid_and_judges_its_picks_on_every_pair(calibrat
             continue
         pick = rows[bar["plan"]]
         assert pick["judged_on"] == "all" and level in pick["meets"]
-        # nothing faster was judged to meet the level: the race stops at its first
+        # nothing faster was judged to meet the level: the race stops at its first, removals at their last
         assert not any(level in r["meets"] and r["gpu_seconds_1_image"] < pick["gpu_seconds_1_image"] for r in rows.values())
+
+
+def test_quick_search_orders_the_pairs_hardest_first():
+    levels = calibrate._Levels({"DeepCache interval 3 (deep, every 3rd step)": np.array([40.0, 30.0, 35.0, 30.0]),
+                                "DeepCache interval 5 (deep, every 5th step)": np.array([30.0, 28.0, 20.0, 28.0])})
+    assert calibrate._hardest_first(levels) == [2, 1, 3, 0]  # mean 27.5, 29, 29 (ties: in order), 35
+
+
+def test_quick_removals_stop_at_the_first_that_misses_the_level(monkeypatch):
+    """_quick_refine keeps the best-screened removal while it meets the level and stops at the first
+    that does not: a fake screen that scores removing later key steps higher, a fake race that
+    passes plans with at least 3 key steps."""
+    from fasterdiff.plan import deep_plan_from_keys
+
+    unet = tiny_pipeline().unet
+    plan = deep_plan_from_keys(unet, (0, 2, 4, 6, 7), 8).with_forecast(1, 0.5)
+    screened = []
+
+    class Trials:
+        def psnr(self, p, pairs):
+            screened.append(p.key_steps)
+            return np.full(len(pairs), 40.0 - sum(p.key_steps))
+
+    monkeypatch.setattr(calibrate, "_runs_race", lambda p, *a, **k: len(p.key_steps) >= 3)
+    out = calibrate._quick_refine("auto", plan, "deep", [0, 1, 2], None, Trials(), unet, None)
+    assert [p.key_steps for _, p, _ in out] == [(0, 2, 4, 6), (0, 2, 4)]  # each round keeps its best-screened removal
+    assert all(p.forecast[-1] == 1 and p.damping[-1] == 0.5 and "refined for auto" in n for n, p, _ in out)
+    assert screened[-2:] == [(0, 4), (0, 2)]  # a third round was screened; its best, (0, 2), missed the level
 
 
 def test_a_calibration_past_its_deadline_stops(calibrated):

@@ -129,11 +129,19 @@ def candidates(unet, num_steps: int) -> list[tuple[str, ReusePlan, str]]:
     return out
 
 
-def _same_family(plan: ReusePlan, reuse: str, unet, keys: tuple[int, ...]) -> ReusePlan:
-    """``plan``'s kind of reuse and forecast at other key steps."""
-    num_steps = plan.num_steps
-    base = encoder_plan(unet, list(keys), num_steps) if reuse == "encoder" else deep_plan_from_keys(unet, keys, num_steps)
-    return base.with_forecast(plan.forecast[-1], plan.damping[-1])
+def _removals(plan: ReusePlan, reuse: str, unet) -> list[ReusePlan]:
+    """``plan`` without each of its key steps but the first, in turn: its kind of reuse and forecast."""
+    keys, num_steps = plan.key_steps, plan.num_steps
+    out = []
+    for drop in keys[1:]:
+        kept = tuple(k for k in keys if k != drop)
+        base = encoder_plan(unet, list(kept), num_steps) if reuse == "encoder" else deep_plan_from_keys(unet, kept, num_steps)
+        out.append(base.with_forecast(plan.forecast[-1], plan.damping[-1]))
+    return out
+
+
+def _refined_name(reuse: str, plan: ReusePlan, level: str) -> str:
+    return f"{reuse} {len(plan.key_steps)} keys refined for {level}, {_forecast_name(plan.forecast[-1], plan.damping[-1])}"
 
 
 @dataclass
@@ -280,8 +288,7 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, 
     flops = flops_per_kind(pipe, setting, {p.replay[-1] for _, p, _ in plans} | {frozenset()})
     full = flops[frozenset()]
     references = [(name, plan, reuse) for name, plan, reuse in plans if name in DEEPCACHE.values()]
-    trials.reference.update(zip(range(count), trials._sample(list(range(count)))))
-    levels = _Levels({name: trials.psnr(plan) for name, plan, _ in references})
+    levels = _Levels({name: trials.psnr(plan) for name, plan, _ in references})  # stock sampled first, on every pair
 
     def row(name: str, plan: ReusePlan, reuse: str, values: np.ndarray, pairs: list[int] | None = None, judged_on="all") -> dict:
         pairs = list(range(count)) if pairs is None else pairs
@@ -455,17 +462,15 @@ def _quick_refine(level: str, plan: ReusePlan, reuse: str, order: list[int], lev
     screen = min(QUICK_SCREEN, len(order))
     start = sum(1 for n in sorted(set(QUICK_STAGES)) if n <= screen)  # stages the screen covered
     for _ in range(REFINE_ROUNDS):
-        keys = plan.key_steps
-        if len(keys) <= 2:
+        if len(plan.key_steps) <= 2:
             break
-        trials_ = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
-        scores = [pooled_psnr(trials.psnr(t, order[:screen])) for t in trials_]
-        best = trials_[int(np.argmax(scores))]
+        removals = _removals(plan, reuse, unet)
+        scores = [pooled_psnr(trials.psnr(t, order[:screen])) for t in removals]
+        best = removals[int(np.argmax(scores))]
         if not _runs_race(best, level, order, levels, trials, bar, start=start):
             break
         plan = best
-        name = f"{reuse} {len(plan.key_steps)} keys refined for {level}, {_forecast_name(plan.forecast[-1], plan.damping[-1])}"
-        out.append((name, plan, reuse))
+        out.append((_refined_name(reuse, plan, level), plan, reuse))
     return out
 
 
@@ -480,10 +485,9 @@ def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: 
     known = {(r["reuse"], tuple(r["key_steps"]), r["forecast"], r["damping"]) for r in rows}
     out = []
     for _ in range(REFINE_ROUNDS):
-        keys = plan.key_steps
-        if len(keys) <= 2:
+        if len(plan.key_steps) <= 2:
             break
-        trials_ = [_same_family(plan, reuse, unet, tuple(k for k in keys if k != drop)) for drop in keys[1:]]
+        trials_ = _removals(plan, reuse, unet)
         bar.total += len(trials_) + 1
         scores = []
         for trial in trials_:
@@ -496,8 +500,7 @@ def _refine(level: str, rows: list[dict], unet, split, levels: _Levels, trials: 
             break
         plan = best
         if (reuse, plan.key_steps, plan.forecast[-1], plan.damping[-1]) not in known:
-            name = f"{reuse} {len(plan.key_steps)} keys refined for {level}, {_forecast_name(plan.forecast[-1], plan.damping[-1])}"
-            out.append(row(name, plan, reuse, values, held_out, judged_on="held-out"))
+            out.append(row(_refined_name(reuse, plan, level), plan, reuse, values, held_out, judged_on="held-out"))
     return out
 
 

@@ -217,13 +217,14 @@ SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 # What ``calibrate=True`` calls: fasterdiff.on_the_spot sets it when imported (fasterdiff's
 # __init__ imports it). It builds on this module (calibration samples with accelerated
 # pipelines), so this module does not import it.
-_PLAN_MAKER: list = [None]
+_plan_maker = None
 
 
 def set_plan_maker(maker) -> None:
     """``maker(pipe, plans, scheduler, num_inference_steps, guidance_scale)`` returns the plan
     file a ``calibrate=True`` run reads, after making its entry where missing."""
-    _PLAN_MAKER[0] = maker
+    global _plan_maker
+    _plan_maker = maker
 
 
 def _is_real(x) -> bool:
@@ -331,7 +332,7 @@ class _Accelerated:
         (see :func:`fasterdiff.on_the_spot.plan_file_for_run`, which may calibrate first)."""
         default = str(default_plans_file(self))
         given = settings.plans if settings.plans != default else None  # the default: not given
-        path = _PLAN_MAKER[0](self, given, scheduler, call_args["num_inference_steps"], call_args["guidance_scale"])
+        path = _plan_maker(self, given, scheduler, call_args["num_inference_steps"], call_args["guidance_scale"])
         return dataclasses.replace(settings, plans=str(path))
 
     def _prepare_run(self, settings: Settings, scheduler, call_args: dict) -> tuple[Run, _CallState]:

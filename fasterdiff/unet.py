@@ -118,7 +118,7 @@ def live_outputs(unet, replayed: frozenset[str]) -> frozenset[str]:
     live = set()
     for here, after in zip(path, path[1:]):
         r = owner(here)
-        if r is not None and owner(after) != r and owner(after) is None:
+        if r is not None and owner(after) is None:
             live.add(r)  # the main path leaves r into a module that computes
     for producer, reader in readers.items():
         r = owner(producer)

@@ -3,7 +3,7 @@ scored on the same pairs, and what each search sampled.
 
     python benchmarks/quick_calibration.py [--runs DDIM-50 DPM-Solver++-20] [--pairs 24]
         [--held-out 24] [--out benchmarks/results] [--full-from JSON] [--stages 1,2,4,8,12,24]
-        [--drop DB] [--confident-from N] [--screen N] [--natural-order]
+        [--drop DB] [--confident-from N] [--screen N] [--natural-order] [--ties]
 
 Per sampler and step count: the full calibration (every candidate on all ``--pairs`` pairs)
 and the quick one (:func:`fasterdiff.calibrate.calibrate` with ``mode="quick"``, on the same
@@ -120,6 +120,7 @@ def main() -> int:
     parser.add_argument("--confident-from", type=int, help="pairs from which a raced plan must meet its level (default: QUICK_CONFIDENT_FROM)")
     parser.add_argument("--screen", type=int, help="hardest pairs each key-step removal is screened on (default: QUICK_SCREEN)")
     parser.add_argument("--natural-order", action="store_true", help="race on the pairs in their order, not hardest first")
+    parser.add_argument("--ties", action="store_true", help="race every candidate as fast as a level's first pick, keep the most faithful (QUICK_TIES)")
     args = parser.parse_args()
     require()
     if args.stages:
@@ -127,6 +128,8 @@ def main() -> int:
     for name, value in (("QUICK_DROP_DB", args.drop), ("QUICK_CONFIDENT_FROM", args.confident_from), ("QUICK_SCREEN", args.screen)):
         if value is not None:
             setattr(calibrate, name, value)
+    if args.ties:
+        calibrate.QUICK_TIES = True
     if args.natural_order:
         calibrate._hardest_first = lambda levels: list(range(len(next(iter(levels.reference_values.values())))))
     earlier = {}

@@ -34,7 +34,9 @@ the pairs hardest first (those the references reproduce worst: where a plan is l
 behind). Per level, it races the candidates from the fastest up on growing prefixes of that
 order (:data:`QUICK_STAGES`), drops each as soon as it falls :data:`QUICK_DROP_DB` behind the
 level's bar on the same pairs or, from :data:`QUICK_CONFIDENT_FROM` pairs on, short of meeting it,
-and takes the first that meets the level on all of them: slower candidates are never sampled.
+and takes the first that meets the level on all of them (candidates of equal modelled speed in name
+order, or all of them raced and the most faithful kept: :data:`QUICK_TIES`): slower candidates are
+never sampled.
 Then greedy removals from that pick: each removal screened on the :data:`QUICK_SCREEN` hardest
 pairs, the best raced like a candidate, kept while it meets the level on all pairs. On the
 stand-in it samples 1/7 to 1/8.5 of what the full search does
@@ -89,6 +91,10 @@ QUICK_STAGES = (1, 2, 4, 8, 12, 24)  # other stages tried: benchmarks/results/qu
 QUICK_DROP_DB = 0.5
 QUICK_CONFIDENT_FROM = 4  # pairs from which a raced plan must meet the level with LEVEL_CONFIDENCE
 QUICK_SCREEN = 1  # pairs each key-step removal is screened on before the best is raced
+# race every candidate as fast (modelled) as a level's first to pass and keep the most faithful, the
+# full search's tie-break; off: the first in name order wins (on the stand-in, ties on cost 5/6 of
+# the full search's picks at DDIM-50 for 1.4x less sampling: benchmarks/results/quick-calibration-standin.md)
+QUICK_TIES = False
 
 
 def spaced_keys(num_steps: int, count: int, exponent: float) -> tuple[int, ...]:
@@ -386,7 +392,8 @@ def _search_note(mode: str) -> str:
         f"pairs ordered hardest first (worst reproduced by the reference plans); candidates raced from the fastest up "
         f"on the first {', '.join(map(str, QUICK_STAGES))} of them: dropped when {QUICK_DROP_DB:g} dB below a level's "
         f"bar on the same pairs or short of meeting it on {QUICK_CONFIDENT_FROM} or more; a level's plan meets it on all "
-        f"{QUICK_STAGES[-1]}; greedy removals from it screened on the {QUICK_SCREEN} hardest, the best raced the same way"
+        f"{QUICK_STAGES[-1]} ({'the most faithful' if QUICK_TIES else 'the first by name'} of equal modelled speed); "
+        f"greedy removals from it screened on the {QUICK_SCREEN} hardest, the best raced the same way"
     )
 
 
@@ -426,8 +433,9 @@ def _runs_race(plan: ReusePlan, level: str, order: list[int], levels: _Levels, t
 def _race(plans, levels: _Levels, trials: _Trials, order: list[int], unet, row, bar) -> list[dict]:
     """Quick mode's search: per level, grid candidates from the fastest (modelled GPU time) up,
     each raced (:func:`_runs_race`) on the pairs hardest first (``order``); the first that meets
-    the level on all of them is refined by :func:`_quick_refine`; slower candidates are not
-    sampled. The last stage checks a plan on pairs the others did not see: few pairs miss the
+    the level on all of them (of equal modelled speed: the first by name, or with
+    :data:`QUICK_TIES` the most faithful of those that meet it) is refined by
+    :func:`_quick_refine`; slower candidates are not sampled. The last stage checks a plan on pairs the others did not see: few pairs miss the
     rare images a plan wrecks, which decide pooled PSNR."""
     candidates_ = sorted(plans, key=lambda p: (_gpu_seconds(p[1], p[2], 1), p[0]))
     count = len(order)
@@ -438,10 +446,17 @@ def _race(plans, levels: _Levels, trials: _Trials, order: list[int], unet, row, 
         if bars in searched:
             continue
         searched.add(bars)
+        pick = None  # (modelled seconds, pooled PSNR on all pairs, plan, reuse)
         for name, plan, reuse in candidates_:
-            if _runs_race(plan, level, order, levels, trials, bar):
-                refined += _quick_refine(level, plan, reuse, order, levels, trials, unet, bar)
+            seconds = _gpu_seconds(plan, reuse, 1)
+            if pick is not None and (not QUICK_TIES or seconds > pick[0] * (1 + 1e-9)):
                 break
+            if _runs_race(plan, level, order, levels, trials, bar):
+                fidelity = pooled_psnr(trials.psnr(plan, order))
+                if pick is None or fidelity > pick[1]:
+                    pick = (seconds, fidelity, plan, reuse)
+        if pick is not None:
+            refined += _quick_refine(level, pick[2], pick[3], order, levels, trials, unet, bar)
     grid = {json.dumps(plan.to_json(), sort_keys=True) for _, plan, _ in plans}
     refined = [r for r in refined if json.dumps(r[1].to_json(), sort_keys=True) not in grid]  # already a row
     rows = []

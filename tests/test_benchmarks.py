@@ -305,6 +305,24 @@ def test_plan_study_quick_run_on_the_standin():
     assert "| control | stock |" in study.markdown(result, "cmd")
 
 
+def test_size_transfer_quick_run_on_the_standin():
+    study = _script("size_transfer")
+    assert study.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert study.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.866, abs=1e-3)  # tied ranks averaged
+    result = study.run("DDIM", 6, 3, (32, 64))
+    small, large = (result["entries"][s] for s in ("32", "64"))
+    assert (small["calibrated_on"]["height"], large["calibrated_on"]["height"]) == (32, 64)
+    assert -1 <= result["spearman_grid"] <= 1 and result["grid_plans"] >= 6
+    large_rows = {r["name"]: r for r in large["plans"]}
+    for level, cell in result["levels"].items():
+        assert cell["bar_at_large"] == large["levels"][level]["psnr_pooled"]
+        if cell["large_pick"] is not None and "refined" not in cell["large_pick"]:  # a grid plan: its own row
+            assert cell["large_pick_psnr_at_large"] == large_rows[cell["large_pick"]]["psnr_pooled"]
+        if cell["small_pick"] is not None:
+            assert cell["small_pick_psnr_at_large"] > 0
+    assert "| auto |" in study.markdown([result], "cmd")
+
+
 def test_noise_injection_sweep_quick_run_on_the_standin():
     sweep = _script("noise_injection")
     result = sweep.run("DDIM", 8, prompts_every=30, strengths=(0.0, 0.3), plans=("paper",))

@@ -335,6 +335,48 @@ def test_quick_removals_stop_at_the_first_that_misses_the_level(monkeypatch):
     assert screened[-2:] == [(0, 4), (0, 2)]  # a third round was screened; its best, (0, 2), missed the level
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_quick_race_breaks_ties_of_modelled_speed_by_name_or_by_fidelity(monkeypatch, ties):
+    """Of the candidates as fast as the first to meet a level, the race refines the first by name,
+    or with QUICK_TIES the most faithful of those that meet it; slower candidates are not raced.
+    A fake race passes every candidate from the first tied group of speed on; a fake score rises
+    through that group in name order, so the two rules pick its two ends."""
+    unet = tiny_pipeline().unet
+    plans = calibrate.candidates(unet, 8)
+    speed = lambda p: calibrate._gpu_seconds(p[1], p[2], 1)
+    ordered = sorted(plans, key=lambda p: (speed(p), p[0]))
+    first = next(i for i in range(1, len(ordered) - 1) if speed(ordered[i - 1]) < speed(ordered[i]) == speed(ordered[i + 1]))
+    group = [p for p in ordered if speed(p) == speed(ordered[first])]
+    assert len(group) >= 2
+    score = {id(p[1]): 30.0 + i for i, p in enumerate(group)}
+    raced, refined = [], []
+
+    def race(plan, *args, **kw):
+        raced.append(plan)
+        return id(plan) in score or speed(next(p for p in plans if p[1] is plan)) > speed(group[0])
+
+    class Trials:
+        def psnr(self, plan, pairs):
+            return np.full(len(pairs), score.get(id(plan), 20.0))
+
+        def measured(self, plan):
+            return []
+
+    class Levels:
+        def names(self):
+            return ["auto"]
+
+        def bar(self, level, pairs):
+            return 0.0
+
+    monkeypatch.setattr(calibrate, "QUICK_TIES", ties)
+    monkeypatch.setattr(calibrate, "_runs_race", race)
+    monkeypatch.setattr(calibrate, "_quick_refine", lambda level, plan, *a: refined.append(plan) or [])
+    calibrate._race(plans, Levels(), Trials(), [0, 1, 2], unet, None, None)
+    assert refined == [group[-1][1] if ties else group[0][1]]
+    assert raced == [p[1] for p in ordered[: first + (len(group) if ties else 1)]]
+
+
 def test_a_calibration_past_its_deadline_stops(calibrated):
     pipe, setting, _, _ = calibrated
     with pytest.raises(calibrate.OutOfTime, match="stopped after"):

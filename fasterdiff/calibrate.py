@@ -320,7 +320,8 @@ def calibrate(pipe, setting: Setting, weights: str = "", progress: bool = True, 
             "plan": plan.to_json(),
         }
 
-    with tqdm(total=len(plans) if mode == "full" else None, desc=f"calibrating plans ({mode})", unit="plan", disable=not progress) as bar:
+    with tqdm(total=len(plans) if mode == "full" else None, desc=f"calibrating plans ({mode})",
+              unit="plan" if mode == "full" else "stage", disable=not progress) as bar:
         if mode == "full":
             rows = []
             for name, plan, reuse in plans:

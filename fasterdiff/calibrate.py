@@ -92,8 +92,9 @@ QUICK_DROP_DB = 0.5
 QUICK_CONFIDENT_FROM = 4  # pairs from which a raced plan must meet the level with LEVEL_CONFIDENCE
 QUICK_SCREEN = 1  # pairs each key-step removal is screened on before the best is raced
 # race every candidate as fast (modelled) as a level's first to pass and keep the most faithful, the
-# full search's tie-break; off: the first in name order wins (on the stand-in, ties on cost 5/6 of
-# the full search's picks at DDIM-50 for 1.4x less sampling: benchmarks/results/quick-calibration-standin.md)
+# full search's tie-break; off, the first in name order wins. Off by default: on the stand-in it
+# samples 1.4x as much at DDIM-50 and the one pick it changes is worse on held-out pairs
+# (benchmarks/results/quick-calibration-standin.md)
 QUICK_TIES = False
 
 
@@ -436,8 +437,9 @@ def _race(plans, levels: _Levels, trials: _Trials, order: list[int], unet, row, 
     each raced (:func:`_runs_race`) on the pairs hardest first (``order``); the first that meets
     the level on all of them (of equal modelled speed: the first by name, or with
     :data:`QUICK_TIES` the most faithful of those that meet it) is refined by
-    :func:`_quick_refine`; slower candidates are not sampled. The last stage checks a plan on pairs the others did not see: few pairs miss the
-    rare images a plan wrecks, which decide pooled PSNR."""
+    :func:`_quick_refine`; slower candidates are not sampled. The last stage checks a plan on
+    pairs the others did not see: few pairs miss the rare images a plan wrecks, which decide
+    pooled PSNR."""
     candidates_ = sorted(plans, key=lambda p: (_gpu_seconds(p[1], p[2], 1), p[0]))
     count = len(order)
     searched = set()
